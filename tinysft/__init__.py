@@ -1,0 +1,12 @@
+"""tinysft: a from-scratch autograd engine for supervised fine-tuning."""
+from . import functional
+from .backend import DeviceError, cuda_available
+from .gradcheck import GradcheckError, gradcheck
+from .rng import get_rng_state, manual_seed, set_rng_state
+from .tensor import ShapeError, Tensor, is_grad_enabled, no_grad, ones, randn, tensor, zeros
+
+__version__ = "0.1.0"
+
+__all__ = ["Tensor", "tensor", "zeros", "ones", "randn", "no_grad", "is_grad_enabled", "gradcheck",
+           "GradcheckError", "ShapeError", "DeviceError", "cuda_available", "manual_seed",
+           "get_rng_state", "set_rng_state", "functional"]

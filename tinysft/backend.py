@@ -1,0 +1,69 @@
+"""Array backends: NumPy on the CPU (always there), CuPy on CUDA (optional).
+
+Every op in tinysft is written once against an array module ``xp``; this module
+maps a device name to that module and moves arrays between devices.
+"""
+import numpy as np
+
+DEVICES = ("cpu", "cuda")
+
+
+class DeviceError(RuntimeError):
+    """A device was asked for that is not there, or tensors on two devices were mixed."""
+
+
+def _import_cupy():
+    try:
+        import cupy
+    except ImportError:
+        return None
+    try:
+        return cupy if cupy.cuda.is_available() else None
+    except Exception:  # a CuPy without a driver can raise from is_available
+        return None
+
+
+_cupy = _import_cupy()
+
+
+def cuda_available() -> bool:
+    """True when CuPy imports and sees at least one CUDA GPU."""
+    return _cupy is not None
+
+
+def xp_for(device: str):
+    """The array module that holds arrays for ``device`` ('cpu' -> numpy, 'cuda' -> cupy)."""
+    if device == "cpu":
+        return np
+    if device == "cuda":
+        if _cupy is None:
+            raise DeviceError(
+                "device 'cuda' requested, but no CUDA GPU is usable: install tinysft[cuda] "
+                "(CuPy) on a machine with an NVIDIA driver, or use device='cpu'")
+        return _cupy
+    raise DeviceError(f"unknown device {device!r}; expected one of {DEVICES}")
+
+
+def device_of(array) -> str:
+    """'cuda' for a CuPy array, 'cpu' for anything else."""
+    if _cupy is not None and isinstance(array, _cupy.ndarray):
+        return "cuda"
+    return "cpu"
+
+
+def to_device(array, device: str):
+    """Copy ``array`` to ``device`` (no copy when it is already there)."""
+    if device_of(array) == device:
+        return array
+    if device == "cpu":
+        return _cupy.asnumpy(array)
+    return xp_for(device).asarray(array)
+
+
+def scatter_add(target, index, values):
+    """``target[index] += values`` with repeated indices summed (in place)."""
+    if device_of(target) == "cuda":
+        import cupyx
+        cupyx.scatter_add(target, index, values)
+    else:
+        np.add.at(target, index, values)

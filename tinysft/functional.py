@@ -1,0 +1,275 @@
+"""Neural-network functions on Tensors.
+
+Most are compositions of Tensor primitives and need no backward of their own.
+Four get a hand-written, fused backward because it is stabler or much cheaper:
+log_softmax, layer_norm, cross_entropy (and, through the primitives, matmul).
+"""
+import numpy as np
+
+from .rng import generator as default_generator
+from .tensor import ShapeError, Tensor
+
+
+class TargetError(IndexError):
+    """A class label outside [0, num_classes) that is not the ignore_index."""
+
+
+def _as_tensor(x, like: Tensor) -> Tensor:
+    return x if isinstance(x, Tensor) else like._lift(x)
+
+
+# ----- activations -----
+def relu(x: Tensor) -> Tensor:
+    return x.relu()
+
+
+def gelu(x: Tensor, approximate: str = "none") -> Tensor:
+    return x.gelu(approximate)
+
+
+def sigmoid(x: Tensor) -> Tensor:
+    return x.sigmoid()
+
+
+def tanh(x: Tensor) -> Tensor:
+    return x.tanh()
+
+
+# ----- joining and selecting -----
+def cat(tensors, axis=0) -> Tensor:
+    """Concatenate along ``axis``; the gradient is split back into the pieces."""
+    tensors = list(tensors)
+    first = tensors[0]
+    try:
+        value = first.xp.concatenate([t.data for t in tensors], axis=axis)
+    except ValueError as error:
+        raise ShapeError(f"cat: shapes {[t.shape for t in tensors]} do not fit along axis {axis}") from error
+    out = first._make(value, tuple(tensors), "cat")
+    if out.requires_grad:
+        def _backward():
+            bounds = np.cumsum([t.shape[axis] for t in tensors])[:-1]
+            for t, piece in zip(tensors, first.xp.split(out.grad, bounds, axis=axis)):
+                t._accumulate(piece)
+        out._backward = _backward
+    return out
+
+
+concatenate = cat
+
+
+def stack(tensors, axis=0) -> Tensor:
+    """Stack equal-shaped tensors along a new ``axis``."""
+    tensors = list(tensors)
+    shapes = {t.shape for t in tensors}
+    if len(shapes) != 1:
+        raise ShapeError(f"stack: all shapes must be equal, got {[t.shape for t in tensors]}")
+    new_axis = axis % (tensors[0].ndim + 1)
+    return cat([t.reshape(t.shape[:new_axis] + (1,) + t.shape[new_axis:]) for t in tensors], axis=new_axis)
+
+
+def where(condition, a, b) -> Tensor:
+    """Elementwise ``a`` where condition holds, else ``b``; each gets the gradient of its picks."""
+    like = a if isinstance(a, Tensor) else b
+    a, b = _as_tensor(a, like), _as_tensor(b, like)
+    cond = condition.data if isinstance(condition, Tensor) else like.xp.asarray(condition)
+    try:
+        value = like.xp.where(cond, a.data, b.data)
+    except ValueError as error:
+        raise ShapeError(f"where: shapes {cond.shape}, {a.shape} and {b.shape} do not broadcast") from error
+    out = like._make(value, (a, b), "where")
+    if out.requires_grad:
+        def _backward():
+            zero = out.grad.dtype.type(0)
+            a._accumulate(like.xp.where(cond, out.grad, zero))
+            b._accumulate(like.xp.where(cond, zero, out.grad))
+        out._backward = _backward
+    return out
+
+
+def masked_fill(x: Tensor, mask, value: float) -> Tensor:
+    """``x`` with ``value`` where ``mask`` is True (no gradient flows to those entries)."""
+    return where(mask, x._lift(value), x)
+
+
+# ----- softmax family -----
+def log_softmax(x: Tensor, axis=-1) -> Tensor:
+    """log softmax(x) = x − log Σ e^x, stable (max subtracted).
+
+    Backward (fused): dx = g − softmax(x) · Σ g.
+    """
+    xp = x.xp
+    shifted = x.data - x.data.max(axis=axis, keepdims=True)
+    value = shifted - xp.log(xp.exp(shifted).sum(axis=axis, keepdims=True))
+    out = x._make(value, (x,), "log_softmax")
+    if out.requires_grad:
+        out._backward = lambda: x._accumulate(
+            out.grad - xp.exp(value) * out.grad.sum(axis=axis, keepdims=True))
+    return out
+
+
+def softmax(x: Tensor, axis=-1) -> Tensor:
+    """softmax(x)_i = e^(x_i) / Σ_j e^(x_j), as exp(log_softmax(x))."""
+    return log_softmax(x, axis).exp()
+
+
+# ----- normalisation -----
+def layer_norm(x: Tensor, weight=None, bias=None, eps: float = 1e-5) -> Tensor:
+    """Normalise over the last axis: y = (x − μ)/√(σ² + ε) · w + b, σ² biased.
+
+    Backward (fused), with x̂ the normalised input, D the width, r = 1/√(σ²+ε):
+      dx̂ = g·w;  dx = r/D · (D·dx̂ − Σdx̂ − x̂·Σ(dx̂·x̂));  dw = Σ g·x̂;  db = Σ g.
+    """
+    xp = x.xp
+    width = x.shape[-1]
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is not None and p.shape != (width,):
+            raise ShapeError(f"layer_norm: {name} of shape {p.shape} for input of shape {x.shape}")
+    mean = x.data.mean(axis=-1, keepdims=True)
+    centered = x.data - mean
+    rstd = 1.0 / xp.sqrt((centered * centered).mean(axis=-1, keepdims=True) + eps)
+    normed = centered * rstd  # (..., D)
+    value = normed
+    if weight is not None:
+        value = value * weight.data
+    if bias is not None:
+        value = value + bias.data
+    params = tuple(p for p in (weight, bias) if p is not None)
+    out = x._make(value, (x,) + params, "layer_norm")
+    if out.requires_grad:
+        def _backward():
+            g = out.grad
+            dnormed = g * weight.data if weight is not None else g
+            if x.requires_grad:
+                x._accumulate(rstd / width * (width * dnormed - dnormed.sum(axis=-1, keepdims=True)
+                                              - normed * (dnormed * normed).sum(axis=-1, keepdims=True)))
+            leading = tuple(range(g.ndim - 1))
+            if weight is not None and weight.requires_grad:
+                weight._accumulate((g * normed).sum(axis=leading))
+            if bias is not None and bias.requires_grad:
+                bias._accumulate(g.sum(axis=leading))
+        out._backward = _backward
+    return out
+
+
+# ----- lookups and noise -----
+def embedding(weight: Tensor, ids) -> Tensor:
+    """Rows of ``weight`` [V, D] picked by integer ``ids`` [...] → [..., D]; backward scatter-adds."""
+    ids = ids.data if isinstance(ids, Tensor) else weight.xp.asarray(ids)
+    if ids.dtype.kind not in "iu":
+        raise TypeError(f"embedding: ids must be integers, got dtype {ids.dtype}")
+    if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= weight.shape[0]):
+        bad = int(ids.max()) if int(ids.max()) >= weight.shape[0] else int(ids.min())
+        raise TargetError(f"embedding: id {bad} out of range for a table of {weight.shape[0]} rows")
+    return weight[ids]
+
+
+def dropout(x: Tensor, p: float = 0.5, training: bool = True, generator=None) -> Tensor:
+    """Inverted dropout: zero each entry with probability p, scale survivors by 1/(1−p).
+
+    E[output] = x, so evaluation (``training=False``) is the identity.
+    """
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout: p must be in [0, 1], got {p}")
+    if not training or p == 0.0:
+        return x
+    rng = generator or default_generator(x.device)
+    keep = rng.random(x.shape) >= p
+    scale = 0.0 if p == 1.0 else 1.0 / (1.0 - p)
+    return x * Tensor((keep * scale).astype(x.dtype))
+
+
+# ----- losses -----
+def cross_entropy(logits: Tensor, target, ignore_index: int = -100, label_smoothing: float = 0.0,
+                  reduction: str = "mean") -> Tensor:
+    """Softmax cross-entropy over logits [N, C] (or [..., C]) and class ids [N] (or [...]).
+
+    With p = softmax(x), ε = label_smoothing and y = (1−ε)·onehot + ε/C:
+      loss_i = −Σ_c y_ic log p_ic = (1−ε)(lse_i − x_i,t) + ε(lse_i − mean_c x_ic),
+    rows whose target is ``ignore_index`` give 0 and are left out of the mean
+    (PyTorch semantics). Backward (fused): dlogits_i = (p_i − y_i) · g_i.
+    On CUDA the forward and backward come from one kernel launch.
+    """
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"cross_entropy: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"cross_entropy: label_smoothing must be in [0, 1], got {label_smoothing}")
+    xp = logits.xp
+    target = target.data if isinstance(target, Tensor) else xp.asarray(target)
+    if logits.ndim < 1 or target.shape != logits.shape[:-1]:
+        raise ShapeError(f"cross_entropy: logits of shape {logits.shape} need targets of shape "
+                         f"{logits.shape[:-1]}, got {target.shape}")
+    if target.dtype.kind not in "iu":
+        raise TypeError(f"cross_entropy: targets must be integer class ids, got dtype {target.dtype}")
+    classes = logits.shape[-1]
+    rows = logits.data.reshape(-1, classes)  # (N, C)
+    target = target.reshape(-1)  # (N,)
+    valid = target != ignore_index
+    bad = valid & ((target < 0) | (target >= classes))
+    if bool(bad.any()):
+        where_bad = int(xp.argmax(bad))
+        raise TargetError(f"cross_entropy: target {int(target[where_bad])} at position {where_bad} is out of "
+                          f"range for {classes} classes (and is not ignore_index={ignore_index})")
+    count = int(valid.sum())
+
+    if logits.device == "cuda":
+        from .cuda.kernels import softmax_cross_entropy
+        loss_rows, _, dlogits = softmax_cross_entropy(rows, target, ignore_index=ignore_index,
+                                                      label_smoothing=label_smoothing, row_scale=1.0)
+    else:
+        loss_rows, dlogits = _cross_entropy_rows(rows, target, valid, label_smoothing)
+    # dlogits: (N, C), the gradient of loss_rows.sum() with respect to the rows
+
+    if reduction == "mean":  # an all-ignored batch gives NaN, as in PyTorch
+        row_weight = 1.0 / count if count else np.nan
+        value = loss_rows.sum() * row_weight
+    elif reduction == "sum":
+        row_weight, value = 1.0, loss_rows.sum()
+    else:
+        row_weight, value = None, loss_rows.reshape(logits.shape[:-1])
+    out = logits._make(xp.asarray(value, dtype=rows.dtype), (logits,), "cross_entropy")
+    if out.requires_grad:
+        def _backward():
+            scale = out.grad.reshape(-1, 1) if row_weight is None else out.grad * row_weight
+            logits._accumulate((dlogits * scale).reshape(logits.shape))
+        out._backward = _backward
+    return out
+
+
+def _cross_entropy_rows(rows, target, valid, label_smoothing):
+    """NumPy path: per-row losses (N,) and d(Σ loss)/d rows (N, C), in a few passes over the logits."""
+    count, classes = rows.shape
+    index = np.arange(count)
+    safe_target = np.where(valid, target, 0)
+    grad = rows - rows.max(axis=1, keepdims=True)  # (N, C) shifted logits; becomes p − y in place
+    picked = grad[index, safe_target]
+    mean_logit = grad.mean(axis=1) if label_smoothing else 0.0
+    np.exp(grad, out=grad)
+    sum_exp = grad.sum(axis=1)
+    lse = np.log(sum_exp)  # (N,) log-sum-exp of the shifted row
+    grad /= sum_exp[:, None]
+    loss = (1.0 - label_smoothing) * (lse - picked) + label_smoothing * (lse - mean_logit)
+    if label_smoothing:
+        grad -= label_smoothing / classes
+    grad[index, safe_target] -= 1.0 - label_smoothing
+    grad *= valid[:, None]
+    return np.where(valid, loss, 0.0).astype(rows.dtype), grad
+
+
+def mse_loss(input: Tensor, target, reduction: str = "mean") -> Tensor:
+    """Mean squared error (1/n) Σ (input − target)²; d/dinput = 2(input − target)/n."""
+    target = _as_tensor(target, input)
+    if input.shape != target.shape:
+        raise ShapeError(f"mse_loss: input of shape {input.shape} and target of shape {target.shape} differ")
+    squared = (input - target) ** 2
+    if reduction == "mean":
+        return squared.mean()
+    if reduction == "sum":
+        return squared.sum()
+    if reduction == "none":
+        return squared
+    raise ValueError(f"mse_loss: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+
+__all__ = ["relu", "gelu", "sigmoid", "tanh", "cat", "concatenate", "stack", "where", "masked_fill",
+           "log_softmax", "softmax", "layer_norm", "embedding", "dropout", "cross_entropy", "mse_loss",
+           "TargetError", "tensor"]
