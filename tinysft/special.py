@@ -23,9 +23,11 @@ _INV_SQRT_2PI = 0.3989422804014327
 
 def _polyval(coefficients, x):
     """Horner's rule, highest power first."""
-    result = x * 0 + coefficients[0]
-    for c in coefficients[1:]:
-        result = result * x + c
+    result = x * coefficients[0]
+    result += coefficients[1]
+    for c in coefficients[2:]:
+        result *= x
+        result += c
     return result
 
 
@@ -35,10 +37,18 @@ def erf(x):
     ax = xp.abs(x)
     small = xp.minimum(ax, 1.0)
     z = small * small
-    inner = small * _polyval(_T, z) / _polyval(_U, z)
-    large = xp.minimum(xp.maximum(ax, 1.0), 8.0)
-    outer = 1.0 - xp.exp(-large * large) * _polyval(_P, large) / _polyval(_Q, large)
-    return xp.sign(x) * xp.where(ax <= 1.0, inner, outer)
+    inner = _polyval(_T, z)
+    inner *= small
+    inner /= _polyval(_U, z)
+    large = xp.clip(ax, 1.0, 8.0)
+    outer = _polyval(_P, large)
+    outer /= _polyval(_Q, large)
+    large *= large
+    outer *= xp.exp(-large, out=large)
+    xp.subtract(1.0, outer, out=outer)
+    result = xp.where(ax <= 1.0, inner, outer)
+    result *= xp.sign(x)
+    return result
 
 
 def normal_cdf(x):
