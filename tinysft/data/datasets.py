@@ -1,0 +1,139 @@
+"""Text classification datasets and their CSV / JSON-lines loaders.
+
+    >>> ds = load_csv("reviews.csv", text_col="review", label_col="stars")
+    >>> ds.texts[0], ds.labels[0], ds.label_names
+    ('Great film.', 4, ['1', '2', '3', '4', '5'])
+    >>> train = ds.subset(np.arange(100))
+
+Labels are mapped to ids by their sorted names (numerically when every label is an
+integer, so "10" comes after "9"), or by position in an explicit `label_names`
+list, in which case a label outside the list raises DatasetError.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["DatasetError", "TextClassificationDataset", "load_csv", "load_jsonl", "encode_labels"]
+
+
+class DatasetError(ValueError):
+    """A data file is missing, empty or malformed, or a label is unknown."""
+
+
+@dataclass
+class TextClassificationDataset:
+    """Texts with integer labels; `label_names[labels[i]]` names example i's class."""
+
+    texts: list[str]
+    labels: np.ndarray
+    label_names: list[str]
+
+    def __post_init__(self):
+        self.texts = list(self.texts)
+        self.labels = np.asarray(self.labels, dtype=np.int64)
+        if self.labels.shape != (len(self.texts),):
+            raise DatasetError(f"{len(self.texts)} texts but labels of shape {self.labels.shape}")
+        if len(self.labels) and not 0 <= self.labels.min() <= self.labels.max() < len(self.label_names):
+            raise DatasetError(f"labels must lie in [0, {len(self.label_names)}) to index label_names")
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def __getitem__(self, i: int) -> tuple[str, int]:
+        return self.texts[i], int(self.labels[i])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.label_names)
+
+    def subset(self, indices: Sequence[int]) -> TextClassificationDataset:
+        """The examples at `indices`, in that order, with the same label names."""
+        indices = np.asarray(indices, dtype=np.int64)
+        return TextClassificationDataset([self.texts[i] for i in indices], self.labels[indices], self.label_names)
+
+    def class_counts(self) -> np.ndarray:
+        return np.bincount(self.labels, minlength=self.num_classes)
+
+
+def _sorted_label_names(raw: Sequence) -> list[str]:
+    names = {str(x) for x in raw}
+    try:
+        return sorted(names, key=int)
+    except ValueError:
+        return sorted(names)
+
+
+def encode_labels(raw: Sequence, where: Sequence[str], label_names: Sequence[str] | None = None,
+                  path: str = "") -> tuple[np.ndarray, list[str]]:
+    """Map raw labels to ids; `where[i]` locates label i (e.g. "line 7") for error messages."""
+    names = [str(n) for n in label_names] if label_names is not None else _sorted_label_names(raw)
+    index = {name: i for i, name in enumerate(names)}
+    ids = np.empty(len(raw), dtype=np.int64)
+    for i, label in enumerate(raw):
+        if str(label) not in index:
+            raise DatasetError(f"{path}: {where[i]}: unknown label {label!r} (expected one of {names})")
+        ids[i] = index[str(label)]
+    return ids, names
+
+
+def _check_nonempty(path: str, n: int) -> None:
+    if n == 0:
+        raise DatasetError(f"{path}: no examples found")
+
+
+def load_csv(path: str | os.PathLike, text_col: str = "text", label_col: str = "label",
+             label_names: Sequence[str] | None = None) -> TextClassificationDataset:
+    """Load a CSV file with a header row naming at least `text_col` and `label_col`."""
+    path = os.fspath(path)
+    texts, raw, where = [], [], []
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames is None:
+            raise DatasetError(f"{path}: the file is empty (expected a header row)")
+        missing = [c for c in (text_col, label_col) if c not in reader.fieldnames]
+        if missing:
+            raise DatasetError(f"{path}: missing column(s) {missing}; the header has {reader.fieldnames}")
+        for row in reader:
+            if row[text_col] is None or row[label_col] is None:
+                raise DatasetError(f"{path}: line {reader.line_num}: too few fields")
+            texts.append(row[text_col])
+            raw.append(row[label_col])
+            where.append(f"line {reader.line_num}")
+    _check_nonempty(path, len(texts))
+    labels, names = encode_labels(raw, where, label_names, path)
+    return TextClassificationDataset(texts, labels, names)
+
+
+def load_jsonl(path: str | os.PathLike, text_col: str = "text", label_col: str = "label",
+               label_names: Sequence[str] | None = None) -> TextClassificationDataset:
+    """Load a JSON-lines file, one object per line; blank lines are skipped."""
+    path = os.fspath(path)
+    texts, raw, where = [], [], []
+    with open(path, encoding="utf-8") as f:
+        for line_num, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DatasetError(f"{path}: line {line_num}: invalid JSON: {e}") from None
+            if not isinstance(record, dict):
+                raise DatasetError(f"{path}: line {line_num}: expected a JSON object, got {type(record).__name__}")
+            missing = [c for c in (text_col, label_col) if c not in record]
+            if missing:
+                raise DatasetError(f"{path}: line {line_num}: missing key(s) {missing}")
+            if not isinstance(record[text_col], str):
+                raise DatasetError(f"{path}: line {line_num}: {text_col!r} must be a string")
+            texts.append(record[text_col])
+            raw.append(record[label_col])
+            where.append(f"line {line_num}")
+    _check_nonempty(path, len(texts))
+    labels, names = encode_labels(raw, where, label_names, path)
+    return TextClassificationDataset(texts, labels, names)
