@@ -1,0 +1,39 @@
+"""Optimizers, learning-rate schedules, gradient clipping and weight penalties.
+
+PyTorch names and semantics: ``param_groups`` is a list of dicts, schedules and
+per-layer rates are edits to them; ``state_dict()`` / ``load_state_dict()``
+resume training exactly.
+"""
+from .adam import Adam, AdamW
+from .clip import NonFiniteNormError, clip_grad_norm_, clip_grad_value_
+from .groups import NO_DECAY, param_groups_with_decay
+from .optimizer import Optimizer
+from .regularization import PENALTIES, penalty_loss, snapshot_anchor
+from .schedules import (
+           ConstantSchedule,
+           CosineSchedule,
+           LinearSchedule,
+           LRSchedule,
+           SlantedTriangular,
+)
+from .sgd import SGD
+
+__all__ = [
+           "NO_DECAY",
+           "PENALTIES",
+           "SGD",
+           "Adam",
+           "AdamW",
+           "ConstantSchedule",
+           "CosineSchedule",
+           "LRSchedule",
+           "LinearSchedule",
+           "NonFiniteNormError",
+           "Optimizer",
+           "SlantedTriangular",
+           "clip_grad_norm_",
+           "clip_grad_value_",
+           "param_groups_with_decay",
+           "penalty_loss",
+           "snapshot_anchor",
+]

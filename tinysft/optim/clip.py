@@ -1,0 +1,110 @@
+"""Gradient clipping, in place, with ``torch.nn.utils``'s semantics.
+
+``clip_grad_norm_`` scales every gradient by ``min(1, c / (‖g‖ + 1e-6))`` where
+``‖g‖`` is the norm of all gradients concatenated into one vector.
+
+Float32 CUDA gradients go to ``tinysft.cuda.kernels`` (2-norm, clamping); the
+rest use array ops. On NumPy the squared norm is summed in float64 from float32
+dots over 64K-element chunks: relative error ~1e-9, where one float32 dot over
+everything gives ~1e-4.
+"""
+import math
+
+import numpy as np
+
+from ..backend import device_of, xp_for
+
+_CHUNK = 1 << 16
+
+
+class NonFiniteNormError(RuntimeError):
+    """The total gradient norm is inf or nan, and ``error_if_nonfinite`` was set."""
+
+
+def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0,
+                    error_if_nonfinite: bool = False) -> float:
+    """Scale gradients so that their total ``norm_type``-norm is at most ``max_norm``.
+
+    Returns the total norm *before* clipping, as a float. As in PyTorch, a
+    non-finite norm makes the gradients nan (scale = nan or 0·inf) unless
+    ``error_if_nonfinite``, which raises ``NonFiniteNormError`` and leaves
+    them unchanged.
+    """
+    grads = _grads(parameters)
+    if not grads:
+        return 0.0
+    norm_type = float(norm_type)
+    if _use_kernels(grads) and norm_type == 2.0:
+        from ..cuda import kernels
+        total, nonfinite = kernels.clip_grad_norm(grads, max_norm)  # scales in place unless non-finite
+        scaled = not nonfinite
+    else:
+        total = _total_norm(grads, norm_type, xp_for(device_of(grads[0])))
+        scaled = False
+    if error_if_nonfinite and not math.isfinite(total):
+        raise NonFiniteNormError(_nonfinite_message(norm_type))
+    scale = max_norm / (total + 1e-6)
+    if not scaled and not scale >= 1.0:  # also true for a nan scale
+        with np.errstate(invalid="ignore"):  # inf · 0 = nan, as in PyTorch
+            for g in grads:
+                g *= scale
+    return total
+
+
+def clip_grad_value_(parameters, clip_value: float) -> None:
+    """Clamp every gradient element into ``[-clip_value, clip_value]``, in place."""
+    if clip_value < 0:
+        raise ValueError(f"clip_value must be >= 0, got {clip_value}")
+    grads = _grads(parameters)
+    if grads and _use_kernels(grads):
+        from ..cuda import kernels
+        kernels.clip_grad_value(grads, clip_value)
+        return
+    for g in grads:
+        g.clip(-clip_value, clip_value, out=g)
+
+
+def _total_norm(grads, norm_type: float, xp) -> float:
+    """‖concat(grads)‖ as a Python float, accumulated in float64."""
+    if norm_type == math.inf:
+        maxima = [float(xp.abs(g).max()) for g in grads if g.size]
+        return math.nan if any(map(math.isnan, maxima)) else max(maxima, default=0.0)
+    if norm_type == 2.0:
+        return math.sqrt(sum(_squared_norm(g, xp) for g in grads))
+    if norm_type <= 0:
+        raise ValueError(f"norm_type must be positive or inf, got {norm_type}")
+    total = sum(float((xp.abs(g.astype(xp.float64)) ** norm_type).sum()) for g in grads)
+    return total ** (1.0 / norm_type)
+
+
+def _squared_norm(g, xp) -> float:
+    """Σg² in float64: float32 dots over chunks (fast, exact enough), other dtypes cast to float64."""
+    flat = g.reshape(-1)
+    if flat.dtype != xp.float32:
+        flat = flat.astype(xp.float64, copy=False)
+        return float(xp.dot(flat, flat))
+    return sum(float(xp.dot(c, c)) for c in (flat[i:i + _CHUNK] for i in range(0, flat.size, _CHUNK)))
+
+
+def _grads(parameters):
+    if hasattr(parameters, "data"):
+        parameters = [parameters]
+    return [p.grad for p in parameters if p.grad is not None]
+
+
+def _use_kernels(grads) -> bool:
+    """True for CUDA gradients the kernels take (float32, contiguous); others use array ops."""
+    devices = {device_of(g) for g in grads}
+    if len(devices) > 1:
+        raise ValueError("gradients are on more than one device; clip each device's parameters separately")
+    return _on_cuda(grads) and all(g.dtype == np.float32 and g.flags.c_contiguous for g in grads)
+
+
+def _on_cuda(grads) -> bool:
+    return device_of(grads[0]) == "cuda"
+
+
+def _nonfinite_message(norm_type: float) -> str:
+    return (f"the total norm of order {norm_type} of the gradients is non-finite, so it cannot be clipped; "
+            "look for inf/nan in the loss or the gradients, or pass error_if_nonfinite=False to scale "
+            "the gradients by the non-finite norm anyway")
