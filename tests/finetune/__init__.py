@@ -1,0 +1,1 @@
+"""Tests of tinysft.finetune: strategies, the Trainer, metrics, distillation, ensembles."""
