@@ -1,0 +1,102 @@
+"""The ``tinysft`` command: finetune (the main job), eval, predict, embed, verify.
+
+Errors a user can act on (a missing model, a bad config, a corrupt checkpoint,
+a dataset with an unknown label, ...) print one line and exit with status 2;
+``--debug`` shows the traceback instead.
+"""
+import argparse
+import sys
+from dataclasses import fields
+
+from . import __version__
+from .config import RunConfig, build_config
+
+
+def _add_run_flags(parser):
+    """One flag per RunConfig field; unset flags leave the config file or default in force."""
+    for f in fields(RunConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                                help=f"{f.metadata['help']} (default: {f.default})")
+        else:
+            parser.add_argument(flag, dest=f.name, type=f.type, default=None, metavar=f.name.upper(),
+                                help=f"{f.metadata['help']} (default: {f.default})")
+
+
+def _parser():
+    parser = argparse.ArgumentParser(prog="tinysft", description="Supervised fine-tuning with a from-scratch autograd engine.")
+    parser.add_argument("--version", action="version", version=f"tinysft {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    common = argparse.ArgumentParser(add_help=False)  # lets --debug follow the command too
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def command(name, help):
+        return commands.add_parser(name, help=help, parents=[common])
+
+    finetune = command("finetune", "fine-tune a pretrained encoder on a classification task "
+                                                    "(default: MiniLM-L6 on WordNet supersenses)")
+    finetune.add_argument("--config", help="TOML file with settings (flags override it)")
+    _add_run_flags(finetune)
+
+    evaluate = command("eval", "evaluate a run's best checkpoint on its test split")
+    evaluate.add_argument("run_dir")
+
+    predict = command("predict", "classify texts with a run's best checkpoint")
+    predict.add_argument("run_dir")
+    predict.add_argument("texts", nargs="+")
+
+    embed = command("embed", "print L2-normalised sentence embeddings (mean pooling)")
+    embed.add_argument("texts", nargs="+")
+    embed.add_argument("--model", default="auto", help="model folder or 'auto' (MiniLM-L6)")
+    embed.add_argument("--json", action="store_true", help="print JSON lists instead of a summary")
+
+    verify = command("verify", "check every fine-tuning formula numerically")
+    verify.add_argument("--only", action="append", help="run only this check (repeatable)")
+    verify.add_argument("--seed", type=int, default=0)
+    verify.add_argument("--dtype", default="float64", choices=("float32", "float64"))
+    verify.add_argument("--json", action="store_true", help="machine-readable output")
+    verify.add_argument("--explain", metavar="NAME", help="print the derivation of one check")
+    verify.add_argument("--list", action="store_true", help="list the checks")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return _dispatch(args)
+    except KeyboardInterrupt:
+        print("tinysft: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, RuntimeError, LookupError, ImportError) as error:
+        if args.debug:
+            raise
+        print(f"tinysft: error: {error}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args) -> int:
+    from . import jobs
+    if args.command == "finetune":
+        overrides = {f.name: getattr(args, f.name) for f in fields(RunConfig)}
+        return jobs.finetune(build_config(args.config, overrides))
+    if args.command == "eval":
+        return jobs.evaluate(args.run_dir)
+    if args.command == "predict":
+        return jobs.predict(args.run_dir, args.texts)
+    if args.command == "embed":
+        return jobs.embed(args.texts, args.model, as_json=args.json)
+    if args.command == "verify":
+        from .verify import main as verify_main
+        return verify_main(only=args.only, seed=args.seed, dtype=args.dtype, as_json=args.json,
+                           explain=args.explain, list_checks=args.list)
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
