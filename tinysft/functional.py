@@ -15,7 +15,7 @@ class TargetError(IndexError):
 
 
 def _as_tensor(x, like: Tensor) -> Tensor:
-    return x if isinstance(x, Tensor) else like._lift(x)
+    return like._lift(x)  # a Tensor is checked to be on like's device; anything else becomes a constant
 
 
 # ----- activations -----
@@ -40,6 +40,7 @@ def cat(tensors, axis=0) -> Tensor:
     """Concatenate along ``axis``; the gradient is split back into the pieces."""
     tensors = list(tensors)
     first = tensors[0]
+    tensors = [first._lift(t) for t in tensors]  # all on one device
     try:
         value = first.xp.concatenate([t.data for t in tensors], axis=axis)
     except ValueError as error:
@@ -210,48 +211,60 @@ def cross_entropy(logits: Tensor, target, ignore_index: int = -100, label_smooth
         raise TargetError(f"cross_entropy: target {int(target[where_bad])} at position {where_bad} is out of "
                           f"range for {classes} classes (and is not ignore_index={ignore_index})")
     count = int(valid.sum())
+    if reduction == "mean":  # an all-ignored batch gives a NaN loss but a zero gradient, as in PyTorch
+        row_scale = 1.0 / count if count else 0.0
+    else:
+        row_scale = 1.0
 
     if logits.device == "cuda":
         from .cuda.kernels import softmax_cross_entropy
         loss_rows, _, dlogits = softmax_cross_entropy(rows, target, ignore_index=ignore_index,
-                                                      label_smoothing=label_smoothing, row_scale=1.0)
+                                                      label_smoothing=label_smoothing, row_scale=row_scale)
     else:
-        loss_rows, dlogits = _cross_entropy_rows(rows, target, valid, label_smoothing)
-    # dlogits: (N, C), the gradient of loss_rows.sum() with respect to the rows
+        loss_rows, dlogits = _cross_entropy_rows(rows, target, valid, label_smoothing, row_scale)
+    # dlogits: (N, C), row_scale times the gradient of loss_rows.sum() with respect to the rows
 
-    if reduction == "mean":  # an all-ignored batch gives NaN, as in PyTorch
-        row_weight = 1.0 / count if count else np.nan
-        value = loss_rows.sum() * row_weight
+    if reduction == "mean":
+        value = loss_rows.sum() * row_scale if count else np.nan
     elif reduction == "sum":
-        row_weight, value = 1.0, loss_rows.sum()
+        value = loss_rows.sum()
     else:
-        row_weight, value = None, loss_rows.reshape(logits.shape[:-1])
+        value = loss_rows.reshape(logits.shape[:-1])
     out = logits._make(xp.asarray(value, dtype=rows.dtype), (logits,), "cross_entropy")
     if out.requires_grad:
         def _backward():
-            scale = out.grad.reshape(-1, 1) if row_weight is None else out.grad * row_weight
-            logits._accumulate((dlogits * scale).reshape(logits.shape))
+            scale = out.grad.reshape(-1, 1) if reduction == "none" else out.grad
+            # a loss's upstream gradient is usually 1: then dlogits is the gradient as it stands (it is
+            # never edited in place, so later backward calls can reuse it)
+            grad = dlogits if bool((scale == 1).all()) else dlogits * scale
+            logits._accumulate(grad.reshape(logits.shape))
         out._backward = _backward
     return out
 
 
-def _cross_entropy_rows(rows, target, valid, label_smoothing):
-    """NumPy path: per-row losses (N,) and d(Σ loss)/d rows (N, C), in a few passes over the logits."""
+def _cross_entropy_rows(rows, target, valid, label_smoothing, row_scale):
+    """NumPy path: per-row losses (N,) and row_scale · d(Σ loss)/d rows (N, C).
+
+    One (N, C) buffer and four passes over it: shifted = x − max; e^shifted in place; its row
+    sums (→ log-sum-exp); then e · row_scale/Σe in place, which also zeroes ignored rows. The
+    target (and smoothing) terms are subtracted after that; nothing else touches all N·C values.
+    """
     count, classes = rows.shape
     index = np.arange(count)
     safe_target = np.where(valid, target, 0)
-    grad = rows - rows.max(axis=1, keepdims=True)  # (N, C) shifted logits; becomes p − y in place
-    picked = grad[index, safe_target]
-    mean_logit = grad.mean(axis=1) if label_smoothing else 0.0
+    peak = rows.max(axis=1, keepdims=True)  # (N, 1)
+    picked = rows[index, safe_target] - peak[:, 0]  # (N,) the shifted target logits
+    mean_logit = rows.mean(axis=1) - peak[:, 0] if label_smoothing else 0.0
+    grad = np.subtract(rows, peak)  # (N, C) shifted logits; becomes e^x, then the gradient, in place
     np.exp(grad, out=grad)
     sum_exp = grad.sum(axis=1)
     lse = np.log(sum_exp)  # (N,) log-sum-exp of the shifted row
-    grad /= sum_exp[:, None]
     loss = (1.0 - label_smoothing) * (lse - picked) + label_smoothing * (lse - mean_logit)
+    scale = np.where(valid, row_scale, 0.0)  # (N,) zero on ignored rows
+    grad *= (scale / sum_exp).astype(grad.dtype)[:, None]  # softmax · scale
     if label_smoothing:
-        grad -= label_smoothing / classes
-    grad[index, safe_target] -= 1.0 - label_smoothing
-    grad *= valid[:, None]
+        grad -= (scale * (label_smoothing / classes)).astype(grad.dtype)[:, None]
+    grad[index, safe_target] -= (scale * (1.0 - label_smoothing)).astype(grad.dtype)
     return np.where(valid, loss, 0.0).astype(rows.dtype), grad
 
 
@@ -272,4 +285,4 @@ def mse_loss(input: Tensor, target, reduction: str = "mean") -> Tensor:
 
 __all__ = ["relu", "gelu", "sigmoid", "tanh", "cat", "concatenate", "stack", "where", "masked_fill",
            "log_softmax", "softmax", "layer_norm", "embedding", "dropout", "cross_entropy", "mse_loss",
-           "TargetError", "tensor"]
+           "TargetError"]

@@ -273,6 +273,8 @@ class Tensor:
         """x ** p for a scalar p; d/dx = p x^(p-1)."""
         if isinstance(exponent, Tensor):
             raise TypeError("pow takes a scalar exponent; for x ** y with tensor y use exp(y * log(x))")
+        if exponent == 0:  # d/dx x^0 = 0, also at x = 0 (PyTorch's convention)
+            return self._unary(self.data ** exponent, lambda: self.xp.zeros_like(self.data), "pow")
         return self._unary(self.data ** exponent, lambda: exponent * self.data ** (exponent - 1), "pow")
 
     def __neg__(self):
@@ -340,19 +342,13 @@ class Tensor:
 
         ``approximate='tanh'``: ½x(1 + tanh u), u = √(2/π)(x + 0.044715x³),
         d/dx = ½(1 + tanh u) + ½x(1 − tanh² u)·√(2/π)(1 + 3·0.044715x²).
+        (Evaluated in ``special``: float32 in cache-sized chunks.)
         """
-        from .special import normal_cdf, normal_pdf
-        x = self.data
-        if approximate == "none":
-            cdf = normal_cdf(x)
-            return self._unary(x * cdf, lambda: cdf + x * normal_pdf(x), "gelu")
-        if approximate == "tanh":
-            c = np.sqrt(2.0 / np.pi)
-            t = self.xp.tanh(c * (x + 0.044715 * x ** 3))
-            return self._unary(0.5 * x * (1.0 + t),
-                               lambda: 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * c * (1.0 + 3 * 0.044715 * x * x),
-                               "gelu_tanh")
-        raise ValueError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
+        from .special import gelu, gelu_derivative
+        if approximate not in ("none", "tanh"):
+            raise ValueError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
+        value, saved = gelu(self.data, approximate)
+        return self._unary(value, lambda: gelu_derivative(self.data, saved, approximate), "gelu")
 
     # ----- reductions -----
     def sum(self, axis=None, keepdims=False):
@@ -382,10 +378,14 @@ class Tensor:
         return out
 
     def var(self, axis=None, keepdims=False, correction=1):
-        """Σ(x − mean)² / (n − correction), PyTorch's default correction=1 (unbiased)."""
+        """Σ(x − mean)² / (n − correction), PyTorch's default correction=1 (unbiased).
+
+        With n ≤ correction the divisor is 0, giving NaN (or inf), as in PyTorch.
+        """
         count = int(np.prod([self.shape[a] for a in _normalize_axes(axis, self.ndim)]))
         centered = self - self.mean(axis=axis, keepdims=True)
-        return (centered * centered).sum(axis=axis, keepdims=keepdims) * (1.0 / max(count - correction, 0))
+        divisor = max(count - correction, 0)
+        return (centered * centered).sum(axis=axis, keepdims=keepdims) * (1.0 / divisor if divisor else np.inf)
 
     # ----- shape ops -----
     def reshape(self, *shape):
@@ -443,6 +443,10 @@ class Tensor:
         a, b = self.data, other.data
         if a.ndim == 0 or b.ndim == 0 or a.shape[-1] != b.shape[0 if b.ndim == 1 else -2]:
             raise ShapeError(f"matmul: shapes {self.shape} and {other.shape} do not align")
+        if b.ndim == 2 and a.ndim > 2:
+            # (..., K) @ (K, N): one large GEMM over the flattened rows instead of one per batch
+            # entry; the weight gradient then is a single (K, rows) @ (rows, N) product too.
+            return (self.reshape(-1, a.shape[-1]) @ other).reshape(*a.shape[:-1], b.shape[-1])
         try:
             value = a @ b
         except ValueError as error:

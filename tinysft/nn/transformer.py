@@ -1,0 +1,157 @@
+"""Transformer encoder layers (post-LN as BERT, or pre-LN), pooling and a classification head.
+
+One layer, with names as HF's BertLayer:
+    post-LN:  h = LN₁(x + Drop(Attn(x)));   y = LN₂(h + Drop(W₂ act(W₁ h)))
+    pre-LN:   h = x + Drop(Attn(LN₁(x)));   y = h + Drop(W₂ act(W₁ LN₂(h)))
+LN₁ is ``attention.output.LayerNorm``, W₁ ``intermediate.dense``, W₂ ``output.dense``,
+LN₂ ``output.LayerNorm``.
+"""
+from .. import functional as F
+from ..tensor import Tensor
+from .attention import MultiHeadSelfAttention, attention_bias
+from .layers import Dropout, LayerNorm, Linear, SublayerOutput, Tanh, activation
+from .module import Module, ModuleList
+
+
+class Intermediate(Module):
+    """The FFN's expansion: ``dense`` then the activation (HF's BertIntermediate)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, activation_fn="gelu", generator=None):
+        super().__init__()
+        self.dense = Linear(hidden_size, intermediate_size, generator=generator)
+        self.intermediate_act_fn = activation(activation_fn)
+
+    def forward(self, h: Tensor) -> Tensor:
+        # h: (B, T, D) -> (B, T, I)
+        return self.intermediate_act_fn(self.dense(h))
+
+
+class TransformerEncoderLayer(Module):
+    """Self-attention then a feed-forward block, each with dropout, a residual and LayerNorm."""
+
+    def __init__(self, hidden_size: int, num_heads: int, intermediate_size: int, activation_fn="gelu",
+                 dropout: float = 0.1, attention_dropout: float = 0.1, eps: float = 1e-12,
+                 norm_first: bool = False, generator=None):
+        super().__init__()
+        self.norm_first = norm_first
+        self.attention = MultiHeadSelfAttention(hidden_size, num_heads, attention_dropout, dropout, eps,
+                                                norm_first, generator=generator)
+        self.intermediate = Intermediate(hidden_size, intermediate_size, activation_fn, generator)
+        self.output = SublayerOutput(intermediate_size, hidden_size, dropout, eps, norm_first, generator)
+
+    def forward(self, x: Tensor, attention_mask=None, bias: Tensor = None) -> Tensor:
+        # x: (B, T, D), attention_mask: (B, T) 1 = keep, 0 = pad -> (B, T, D)
+        h = self.attention(x, attention_mask, bias)  # (B, T, D)
+        inner = self.output.LayerNorm(h) if self.norm_first else h
+        return self.output(self.intermediate(inner), h)  # (B, T, I) -> (B, T, D)
+
+
+class TransformerEncoder(Module):
+    """``num_layers`` TransformerEncoderLayers in ``layer`` (a ModuleList, so names read
+    ``layer.3.attention.self.query.weight``). Pre-LN stacks end with ``final_norm``."""
+
+    def __init__(self, num_layers: int, hidden_size: int, num_heads: int, intermediate_size: int,
+                 activation_fn="gelu", dropout: float = 0.1, attention_dropout: float = 0.1,
+                 eps: float = 1e-12, norm_first: bool = False, generator=None):
+        super().__init__()
+        self.layer = ModuleList(
+            TransformerEncoderLayer(hidden_size, num_heads, intermediate_size, activation_fn, dropout,
+                                    attention_dropout, eps, norm_first, generator)
+            for _ in range(num_layers))
+        self.final_norm = LayerNorm(hidden_size, eps=eps) if norm_first else None
+
+    def forward(self, x: Tensor, attention_mask=None, output_hidden_states: bool = False):
+        # x: (B, T, D), attention_mask: (B, T) -> (B, T, D); with output_hidden_states also the
+        # list [input, after layer 0, ..., after the last layer] of (B, T, D)
+        bias = attention_bias(attention_mask, x.dtype, like=x) if attention_mask is not None else None
+        states = [x]
+        for layer in self.layer:
+            x = layer(x, bias=bias)
+            states.append(x)
+        if self.final_norm is not None:
+            x = self.final_norm(x)
+            states[-1] = x
+        return (x, states) if output_hidden_states else x
+
+
+# ----- pooling -----
+def cls_pool(hidden: Tensor, attention_mask=None) -> Tensor:
+    """The first token's state: (B, T, D) -> (B, D). ``attention_mask`` is ignored."""
+    return hidden[:, 0]
+
+
+def mean_pool(hidden: Tensor, attention_mask=None) -> Tensor:
+    """Mean over unpadded tokens (sentence-transformers): Σ_t m_t h_t / max(Σ_t m_t, 1e-9).
+
+    hidden: (B, T, D), attention_mask: (B, T) with 1 = keep -> (B, D).
+    """
+    if attention_mask is None:
+        return hidden.mean(axis=1)
+    mask = attention_mask.data if isinstance(attention_mask, Tensor) else attention_mask
+    mask = hidden.xp.asarray(mask).astype(hidden.dtype)  # (B, T)
+    counts = hidden.xp.maximum(mask.sum(axis=1, keepdims=True), 1e-9)  # (B, 1)
+    weights = Tensor(mask[:, :, None] / counts[:, :, None])  # (B, T, 1)
+    return (hidden * weights).sum(axis=1)  # (B, D)
+
+
+POOLINGS = {"cls": cls_pool, "mean": mean_pool}
+
+
+def l2_normalize(x: Tensor, eps: float = 1e-12) -> Tensor:
+    """x / max(‖x‖₂, eps) over the last axis (torch.nn.functional.normalize)."""
+    norm = (x * x).sum(axis=-1, keepdims=True).sqrt()  # (..., 1)
+    return x / F.where(norm.data > eps, norm, eps)
+
+
+class Pooler(Module):
+    """BERT's pooler: tanh(dense(h[:, 0])) (B, T, D) -> (B, D)."""
+
+    def __init__(self, hidden_size: int, generator=None):
+        super().__init__()
+        self.dense = Linear(hidden_size, hidden_size, generator=generator)
+        self.activation = Tanh()
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        # hidden: (B, T, D) -> (B, D)
+        return self.activation(self.dense(hidden[:, 0]))
+
+
+class ClassificationHead(Module):
+    """Pooled features → [dense → tanh] → dropout → ``classifier`` Linear → logits.
+
+    ``pooler=True`` adds BERT's dense+tanh before the dropout; ``dense`` then exists.
+    """
+
+    def __init__(self, hidden_size: int, num_labels: int, dropout: float = 0.1, pooler: bool = False,
+                 generator=None):
+        super().__init__()
+        self.num_labels = num_labels
+        if pooler:
+            self.dense = Linear(hidden_size, hidden_size, generator=generator)
+            self.activation = Tanh()
+        else:
+            self.dense = None
+        self.dropout = Dropout(dropout)
+        self.classifier = Linear(hidden_size, num_labels, generator=generator)
+
+    def forward(self, pooled: Tensor) -> Tensor:
+        # pooled: (B, D) -> logits (B, num_labels)
+        if self.dense is not None:
+            pooled = self.activation(self.dense(pooled))
+        return self.classifier(self.dropout(pooled))
+
+    def extra_repr(self):
+        return f"num_labels={self.num_labels}"
+
+
+__all__ = [
+    "POOLINGS",
+    "ClassificationHead",
+    "Intermediate",
+    "Pooler",
+    "TransformerEncoder",
+    "TransformerEncoderLayer",
+    "cls_pool",
+    "l2_normalize",
+    "mean_pool",
+]
