@@ -52,7 +52,8 @@ def plot_run(run_dir) -> list:
 
     for key, name, title, log in (("lr", "learning_rate.png", "learning rate per group", False),
                                   ("update_ratio", "update_ratio.png", "‖Δθ‖/‖θ‖ per layer group", True)):
-        groups = sorted({g for r in train for g in r.get(key, {})})
+        # a ".no_decay" twin shares its group's rate; plotting it would hide the other lines
+        groups = sorted({g for r in train for g in r.get(key, {}) if not g.endswith(".no_decay")})
         if not groups:
             continue
         figure, axis = plt.subplots(figsize=(8, 4.5))

@@ -1,0 +1,80 @@
+"""Cross-entropy forward + backward against PyTorch CPU's F.cross_entropy, in the same run.
+
+    python3 benchmarks/bench_cross_entropy.py       # BENCH_THREADS=1 to pin one thread
+    python3 benchmarks/bench_cross_entropy.py --ref 511f5b4   # also time functional.py as of a git commit
+
+float32 logits [N, C] (BERT's 30522-word vocabulary, ImageNet's 1000 classes, GPT-2's 50257,
+and a small-class case), random targets, mean reduction; the logits' gradient is cleared
+between calls in both libraries. Each case first checks that the two agree.
+"""
+import argparse
+import importlib.util
+import os
+import subprocess
+import tempfile
+
+import _timing  # first: pins BLAS threads before NumPy loads
+import numpy as np
+
+import tinysft
+from tinysft import functional as F
+
+torch = _timing.load_torch()
+CASES = [(512, 30522), (4096, 1000), (64, 50257), (8192, 32)]
+
+
+def functional_at(ref):
+    """tinysft/functional.py as of git commit ``ref``, loaded beside the current package."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    source = subprocess.run(["git", "show", f"{ref}:tinysft/functional.py"], cwd=root, check=True,
+                            capture_output=True, text=True).stdout
+    path = os.path.join(tempfile.mkdtemp(), "functional.py")
+    with open(path, "w") as f:
+        f.write(source)
+    spec = importlib.util.spec_from_file_location(f"tinysft.functional_at_{ref}", path)  # relative imports work
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def bench(rows, classes, repeats=15, old=None, ref=None):
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((rows, classes), dtype=np.float32) * 2
+    target = rng.integers(0, classes, rows)
+    x, y = tinysft.tensor(logits, requires_grad=True), tinysft.tensor(target)
+
+    def ours():
+        x.grad = None
+        F.cross_entropy(x, y).backward()
+
+    torch_step = None
+    if torch:
+        tx, ty = torch.from_numpy(logits).requires_grad_(), torch.from_numpy(target)
+
+        def torch_step():
+            tx.grad = None
+            torch.nn.functional.cross_entropy(tx, ty).backward()
+
+        ours(), torch_step()  # the same loss and gradient first
+        loss = F.cross_entropy(x, y).item()
+        assert abs(loss - torch.nn.functional.cross_entropy(tx, ty).item()) < 1e-4 * abs(loss)
+        assert np.abs(x.grad - tx.grad.numpy()).max() < 1e-6
+    ours_s, theirs_s = _timing.compare(ours, torch_step, repeats=repeats)
+    _timing.row(f"cross_entropy {rows}x{classes} fwd+bwd", ours_s, theirs_s)
+    if old is not None:
+        def old_step():
+            x.grad = None
+            old.cross_entropy(x, y).backward()
+
+        old_s, now_s = _timing.compare(old_step, ours, repeats=repeats)
+        print(f"{'':<40} as of {ref}: {old_s * 1e3:.3f} ms, now {now_s * 1e3:.3f} ms ({old_s / now_s:.2f}x faster)")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--ref", help="also time tinysft/functional.py as of this git commit")
+    args = parser.parse_args()
+    _timing.header("bench_cross_entropy: tinysft vs PyTorch CPU (ratio = tinysft time / torch time)", torch)
+    old = functional_at(args.ref) if args.ref else None
+    for rows, classes in CASES:
+        bench(rows, classes, old=old, ref=args.ref)
