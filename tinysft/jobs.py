@@ -97,7 +97,11 @@ def _strategy_options(config: RunConfig, train_loader) -> dict:
 
 
 def _apply_head_lr_and_penalty(config: RunConfig, param_groups) -> None:
-    """The new head learns at ``head_lr``; every group gets the configured penalty."""
+    """A group of the new head (named "head…") learns at ``head_lr``; every group gets the penalty.
+
+    Strategies that put the head in a shared group ("full": "all", "encoder_only":
+    "encoder+head") train it at ``lr`` like everything else in that group.
+    """
     for group in param_groups:
         if group["name"].split(".")[0] == "head":
             group["lr"] = config.head_lr
@@ -138,8 +142,7 @@ def finetune(config: RunConfig) -> int:
         train_loader = plan.features(train_loader, shuffle=True, seed=config.seed)
         val_loader = plan.features(val_loader)
         test_loader = plan.features(test_loader)
-    else:
-        _apply_head_lr_and_penalty(config, plan.param_groups)
+    _apply_head_lr_and_penalty(config, plan.param_groups)
     optimizer = build_optimizer(config, plan.param_groups)
 
     trainer = Trainer(

@@ -170,7 +170,7 @@ def check_adam(rng, dtype, impl):
        explanation="""
        AdamW shrinks the weights directly, θ ← (1 − ηλ)θ, and feeds Adam only the loss gradient g.
        The shrink is the same fraction ηλ for every weight, whatever its gradient history; see
-       decoupled_decay_vs_l2 for how that differs from adding λθ to g.
+       decay_adam_differ and decay_sgd_coincide for how that differs from adding λθ to g.
        """,
        impl=_adamw)
 def check_adamw(rng, dtype, impl):
