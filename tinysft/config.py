@@ -102,7 +102,8 @@ def _coerce(name: str, kind, value):
         return value
     elif isinstance(value, kind):
         return value
-    raise ConfigError(f"{name} must be a {kind.__name__}, got {value!r}")
+    article = "an" if kind.__name__[0] in "aeiou" else "a"
+    raise ConfigError(f"{name} must be {article} {kind.__name__}, got {value!r}")
 
 
 def build_config(toml_path=None, overrides=None) -> RunConfig:

@@ -18,14 +18,30 @@ import numpy as np
 
 from . import rng
 from .config import RunConfig, build_config
-from .data import (DataLoader, TextClassificationDataset, WordPieceTokenizer, load_csv, load_jsonl,
-                   load_wordnet_supersenses, split_dataset)
+from .data import (
+    DataLoader,
+    TextClassificationDataset,
+    WordPieceTokenizer,
+    load_csv,
+    load_jsonl,
+    load_wordnet_supersenses,
+    split_dataset,
+)
 from .finetune import EarlyStopping, Trainer, prepare
 from .finetune.metrics import classification_metrics
+from .functional import cross_entropy
 from .io import atomic_write_text, load_file, save_file
 from .models import BertForSequenceClassification, BertModel, locate_model
-from .optim import SGD, Adam, AdamW, ConstantSchedule, CosineSchedule, LinearSchedule, SlantedTriangular
-from .tensor import no_grad
+from .optim import (
+    SGD,
+    Adam,
+    AdamW,
+    ConstantSchedule,
+    CosineSchedule,
+    LinearSchedule,
+    SlantedTriangular,
+)
+from .tensor import no_grad, tensor
 
 
 def _say(message: str) -> None:
@@ -114,7 +130,6 @@ def finetune(config: RunConfig) -> int:
     """Fine-tune, evaluate on the test split, write the run folder; prints test metrics."""
     started = time.perf_counter()
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
     rng.manual_seed(config.seed)
 
     model_dir = locate_model(None if config.model == "auto" else config.model)
@@ -144,6 +159,7 @@ def finetune(config: RunConfig) -> int:
         test_loader = plan.features(test_loader)
     _apply_head_lr_and_penalty(config, plan.param_groups)
     optimizer = build_optimizer(config, plan.param_groups)
+    out.mkdir(parents=True, exist_ok=True)  # only now: a run that cannot start leaves no folder behind
 
     trainer = Trainer(
         plan.model, optimizer, train_loader, eval_loader=val_loader,
@@ -224,7 +240,9 @@ def evaluate(run_dir) -> int:
         for batch in DataLoader(test, 64, shuffle=False, collate=collate):
             logits.append(model(batch["input_ids"], batch["attention_mask"]).numpy())
             labels.append(batch["labels"])
-    metrics = classification_metrics(np.concatenate(logits), np.concatenate(labels), info["num_labels"])
+    logits, labels = np.concatenate(logits), np.concatenate(labels)
+    metrics = {"loss": cross_entropy(tensor(logits), labels).item(),
+               **classification_metrics(logits, labels, info["num_labels"])}
     _say(f"test ({len(test)} examples): " + _format_metrics(metrics))
     return 0
 

@@ -167,7 +167,7 @@ class Trainer:
             self.batches_in_epoch += len(micro)
             record = self.train_step(micro)
             bar.update(self.step, loss=record["loss"], lr=next(iter(record["lr"].values()), 0.0))
-            if self.log is not None and self.step % self.log_every == 0:
+            if self._logs(self.step):
                 self.log.write(record)
             for cb in self.callbacks:
                 if hasattr(cb, "on_step_end"):
@@ -176,6 +176,10 @@ class Trainer:
                 self.save_checkpoint()
             if self.max_steps is not None and self.step >= self.max_steps:
                 return True
+
+    def _logs(self, step: int) -> bool:
+        """Whether ``step`` goes into the JSONL log: every ``log_every``-th step and the last one."""
+        return self.log is not None and (step % self.log_every == 0 or step == self.total_steps)
 
     def train_step(self, micro_batches) -> dict:
         """One optimizer step over ``micro_batches`` (see the module docstring); returns its record."""
@@ -207,7 +211,7 @@ class Trainer:
             self._clear_grads()
             raise NonFiniteLossError(step, self.epoch, grad_norm, "gradient norm")
         lrs = {name: g["lr"] for name, g in zip(self._group_names, self.optimizer.param_groups)}
-        measure = self.log is not None and step % self.log_every == 0
+        measure = self._logs(step)
         before = self._snapshot() if measure else None
         self.optimizer.step()
         self._clear_grads()
