@@ -8,6 +8,8 @@ import dataclasses
 import tomllib
 from dataclasses import dataclass, field, fields
 
+from .optim.schedules import SCHEDULES
+
 
 class ConfigError(ValueError):
     """A setting that is unknown, of the wrong type or out of range."""
@@ -15,7 +17,6 @@ class ConfigError(ValueError):
 
 STRATEGIES = ("full", "encoder_only", "layerwise", "discriminative", "feature_extraction")
 OPTIMIZERS = ("adamw", "adam", "sgd")
-SCHEDULES = ("linear", "cosine", "constant", "slanted_triangular")
 PENALTIES = ("none", "l1", "l2", "l2sp")
 
 
@@ -96,10 +97,8 @@ def _coerce(name: str, kind, value):
         try:
             if float(value) == int(float(value)):
                 return int(float(value))
-        except ValueError:
+        except (TypeError, ValueError, OverflowError):
             pass
-    elif kind is str and isinstance(value, str):
-        return value
     elif isinstance(value, kind):
         return value
     article = "an" if kind.__name__[0] in "aeiou" else "a"

@@ -24,6 +24,7 @@ def relu(x: Tensor) -> Tensor:
 
 
 def gelu(x: Tensor, approximate: str = "none") -> Tensor:
+    """GELU(x) = x·Φ(x); ``approximate='tanh'``: ½x(1 + tanh(√(2/π)(x + 0.044715x³)))."""
     return x.gelu(approximate)
 
 
@@ -211,10 +212,8 @@ def cross_entropy(logits: Tensor, target, ignore_index: int = -100, label_smooth
         raise TargetError(f"cross_entropy: target {int(target[where_bad])} at position {where_bad} is out of "
                           f"range for {classes} classes (and is not ignore_index={ignore_index})")
     count = int(valid.sum())
-    if reduction == "mean":  # an all-ignored batch gives a NaN loss but a zero gradient, as in PyTorch
-        row_scale = 1.0 / count if count else 0.0
-    else:
-        row_scale = 1.0
+    # mean: an all-ignored batch gives a NaN loss but a zero gradient, as in PyTorch
+    row_scale = (1.0 / count if count else 0.0) if reduction == "mean" else 1.0
 
     if logits.device == "cuda":
         from .cuda.kernels import softmax_cross_entropy

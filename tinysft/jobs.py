@@ -26,21 +26,14 @@ from .data import (
     load_jsonl,
     load_wordnet_supersenses,
     split_dataset,
+    stratified_sample,
 )
 from .finetune import EarlyStopping, Trainer, prepare
 from .finetune.metrics import classification_metrics
 from .functional import cross_entropy
 from .io import atomic_write_text, load_file, save_file
 from .models import BertForSequenceClassification, BertModel, locate_model
-from .optim import (
-    SGD,
-    Adam,
-    AdamW,
-    ConstantSchedule,
-    CosineSchedule,
-    LinearSchedule,
-    SlantedTriangular,
-)
+from .optim import SGD, Adam, AdamW, schedule_by_name
 from .tensor import no_grad, tensor
 
 
@@ -61,7 +54,6 @@ def load_dataset(config: RunConfig) -> TextClassificationDataset:
         raise FileNotFoundError(f"data file {path} does not exist")
     dataset = loaders[path.suffix.lower()](path)
     if config.max_examples and len(dataset) > config.max_examples:
-        from .data import stratified_sample
         dataset = dataset.subset(stratified_sample(dataset.labels, config.max_examples, seed=config.seed))
     return dataset
 
@@ -91,16 +83,8 @@ def build_optimizer(config: RunConfig, param_groups):
 
 def build_schedule(config: RunConfig):
     """A factory ``(optimizer, total_steps) -> LRSchedule`` for the Trainer."""
-    def make(optimizer, total_steps):
-        warmup = int(config.warmup_ratio * total_steps)
-        if config.schedule == "linear":
-            return LinearSchedule(optimizer, warmup, total_steps)
-        if config.schedule == "cosine":
-            return CosineSchedule(optimizer, warmup, total_steps)
-        if config.schedule == "slanted_triangular":
-            return SlantedTriangular(optimizer, total_steps)
-        return ConstantSchedule(optimizer, warmup)
-    return make
+    return lambda optimizer, total_steps: schedule_by_name(config.schedule, optimizer, total_steps,
+                                                           config.warmup_ratio)
 
 
 def _strategy_options(config: RunConfig, train_loader) -> dict:

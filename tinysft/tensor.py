@@ -67,6 +67,11 @@ def _expand_reduced(grad, shape, axis, keepdims):
     return grad
 
 
+def _shape_arg(shape):
+    """``f(2, 3)`` and ``f((2, 3))`` both mean the shape (2, 3)."""
+    return tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape
+
+
 def _raw_index(index):
     """An index with Tensors replaced by their arrays."""
     if isinstance(index, Tensor):
@@ -389,8 +394,7 @@ class Tensor:
 
     # ----- shape ops -----
     def reshape(self, *shape):
-        if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
-            shape = tuple(shape[0])
+        shape = _shape_arg(shape)
         try:
             value = self.data.reshape(shape)
         except ValueError as error:
@@ -404,8 +408,7 @@ class Tensor:
 
     def permute(self, *axes):
         """Reorder axes; the gradient is permuted back by the inverse order."""
-        if len(axes) == 1 and isinstance(axes[0], (tuple, list)):
-            axes = tuple(axes[0])
+        axes = _shape_arg(axes)
         if sorted(a % self.ndim for a in axes) != list(range(self.ndim)):
             raise ShapeError(f"permute: {axes} is not an ordering of the {self.ndim} axes of shape {self.shape}")
         out = self._make(self.data.transpose(axes), (self,), "permute")
@@ -503,18 +506,18 @@ def tensor(data, dtype=None, device="cpu", requires_grad=False) -> Tensor:
 
 
 def zeros(*shape, dtype=np.float32, device="cpu", requires_grad=False) -> Tensor:
-    shape = tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape
+    shape = _shape_arg(shape)
     return Tensor(xp_for(device).zeros(shape, dtype=dtype), requires_grad=requires_grad)
 
 
 def ones(*shape, dtype=np.float32, device="cpu", requires_grad=False) -> Tensor:
-    shape = tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape
+    shape = _shape_arg(shape)
     return Tensor(xp_for(device).ones(shape, dtype=dtype), requires_grad=requires_grad)
 
 
 def randn(*shape, dtype=np.float32, device="cpu", requires_grad=False, generator=None) -> Tensor:
     """Standard normal samples from ``generator`` (default: the device's seeded generator)."""
     from .rng import generator as default_generator
-    shape = tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape
+    shape = _shape_arg(shape)
     rng = generator or default_generator(device)
     return Tensor(rng.standard_normal(shape).astype(dtype), requires_grad=requires_grad)

@@ -46,7 +46,7 @@ _SCALARS = {  # code -> (numpy type, ctypes type, Python type CuPy maps to it)
     "i64": (np.int64, ctypes.c_int64, int),
     "u64": (np.uint64, ctypes.c_uint64, None),
 }
-_DTYPES = {"f32": np.float32, "f64": np.float64, "i32": np.int32, "u32": np.uint32, "i64": np.int64, "u64": np.uint64}
+_DTYPES = {code: np_type for code, (np_type, _, _) in _SCALARS.items()}  # pointer element types
 
 _schedule = ("forward", 0)
 _libraries = {}
@@ -92,7 +92,7 @@ def sanitizer_env(sanitize: str) -> dict:
     return env
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compiler_version() -> str:
     return subprocess.run(["g++", "--version"], capture_output=True, text=True).stdout
 

@@ -13,18 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
+from tinysft.backend import cuda_available as is_cupy_available  # noqa: F401 (re-exported by tinysft.cuda)
+
 CUPY_OPTIONS = ("-std=c++17",)  # CuPy adds -ftz=true; precise expf/logf (no --use_fast_math): memory-bound anyway
 CLIP_CHUNK = 16384  # elements per block in the multi-tensor kernels (a multiple of 4)
 CLIP_BLOCK = 256
-
-
-def is_cupy_available() -> bool:
-    """True when CuPy imports and sees a CUDA device."""
-    try:
-        import cupy
-        return bool(cupy.cuda.is_available())
-    except Exception:
-        return False
 
 
 class EmulatorBackend:

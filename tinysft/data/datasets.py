@@ -83,9 +83,13 @@ def encode_labels(raw: Sequence, where: Sequence[str], label_names: Sequence[str
     return ids, names
 
 
-def _check_nonempty(path: str, n: int) -> None:
-    if n == 0:
+def _dataset(path: str, texts: list[str], raw: list, where: list[str],
+             label_names: Sequence[str] | None) -> TextClassificationDataset:
+    """The loaders' last step: refuse an empty file, encode the labels, build the dataset."""
+    if not texts:
         raise DatasetError(f"{path}: no examples found")
+    labels, names = encode_labels(raw, where, label_names, path)
+    return TextClassificationDataset(texts, labels, names)
 
 
 def load_csv(path: str | os.PathLike, text_col: str = "text", label_col: str = "label",
@@ -106,9 +110,7 @@ def load_csv(path: str | os.PathLike, text_col: str = "text", label_col: str = "
             texts.append(row[text_col])
             raw.append(row[label_col])
             where.append(f"line {reader.line_num}")
-    _check_nonempty(path, len(texts))
-    labels, names = encode_labels(raw, where, label_names, path)
-    return TextClassificationDataset(texts, labels, names)
+    return _dataset(path, texts, raw, where, label_names)
 
 
 def load_jsonl(path: str | os.PathLike, text_col: str = "text", label_col: str = "label",
@@ -134,6 +136,4 @@ def load_jsonl(path: str | os.PathLike, text_col: str = "text", label_col: str =
             texts.append(record[text_col])
             raw.append(record[label_col])
             where.append(f"line {line_num}")
-    _check_nonempty(path, len(texts))
-    labels, names = encode_labels(raw, where, label_names, path)
-    return TextClassificationDataset(texts, labels, names)
+    return _dataset(path, texts, raw, where, label_names)

@@ -2,8 +2,8 @@
 
 Pipeline (same order as the reference `BertNormalizer` + `BertPreTokenizer` + `WordPiece`):
 1. special tokens ([CLS], [SEP], ...) written literally in the text are kept whole;
-2. clean: drop NUL, U+FFFD and control, format and private-use characters (Unicode Cc, Cf,
-   Co; unassigned Cn is kept); tab, newline and CR count as whitespace;
+2. clean: drop NUL, U+FFFD and control, format, private-use and surrogate characters (Unicode
+   Cc, Cf, Co, Cs; unassigned Cn is kept); tab, newline and CR count as whitespace;
    whitespace (Unicode Z*) becomes a space;
 3. put spaces around CJK ideographs, so each becomes its own word;
 4. strip accents (NFD, drop Mn marks) when `strip_accents` is True, or None and `lowercase`;

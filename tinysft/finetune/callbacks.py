@@ -1,6 +1,7 @@
 """Early stopping, a dependency-free progress bar and a JSON-lines metrics log.
 
-All three can be saved into and restored from a checkpoint (``state_dict``).
+EarlyStopping is saved into and restored from a checkpoint (``state_dict``); on
+resume the MetricsLog is cut back to the checkpoint's step (``truncate``).
 """
 import json
 import math

@@ -41,10 +41,11 @@ def ensemble_predict(models, loader, method: str = "mean") -> dict:
                 for k, m in enumerate(models):
                     logits = forward(m, batch).numpy()
                     member_probs[k].append(softmax_np(logits.reshape(-1, logits.shape[-1]).astype(np.float64)))
-                try:
-                    labels.append(labels_of(batch).reshape(-1))
-                except KeyError:
-                    labels = None
+                if labels is not None:  # None once a batch had no labels
+                    try:
+                        labels.append(labels_of(batch).reshape(-1))
+                    except KeyError:
+                        labels = None
     finally:
         for m, mode in zip(models, modes):
             m.train(mode)

@@ -76,7 +76,7 @@ def find_head_and_backbone(model, head=None, backbone=None):
             if getattr(model, name, None) is not None and hasattr(getattr(model, name), "named_parameters"):
                 head, prefix = getattr(model, name), name
                 break
-    elif head is not None and hasattr(model, "named_modules"):
+    elif hasattr(model, "named_modules"):
         prefix = next((n for n, m in model.named_modules() if m is head), "")
     if backbone is None and hasattr(model, "features"):
         backbone = model.features

@@ -100,20 +100,19 @@ def layer_groups(model) -> list:
 
 
 def _model_layer_groups(model, named):
-    """The model's own grouping (``tinysft.models.bert.layer_groups``), normalised; None if absent."""
+    """The model's own grouping (its ``layer_groups()`` method, normalised, or
+    ``tinysft.models.bert.layer_groups`` for tinysft's BERT); None if it has none."""
     helper = getattr(model, "layer_groups", None)
     if helper is None:
         try:
-            from ..models import bert
-        except ImportError:
+            from ..models.bert import BertForSequenceClassification, BertModel
+            from ..models.bert import layer_groups as bert_layer_groups
+        except ImportError:  # the strategies work without tinysft.models: names are read instead
             return None
-        helper = getattr(bert, "layer_groups", None)
-        bert_types = tuple(v for v in vars(bert).values() if isinstance(v, type) and v.__module__ == bert.__name__)
-        if helper is None or not isinstance(model, bert_types):
-            return None
-        groups = helper(model)
-    else:
-        groups = helper()
+        if isinstance(model, (BertModel, BertForSequenceClassification)):
+            return bert_layer_groups(model, named=True)
+        return None
+    groups = helper()
     by_id = {id(p): name for name, p in named}
     items = groups.items() if isinstance(groups, dict) else enumerate(groups)
     out = []

@@ -364,7 +364,7 @@ def fit(model, train_loader, eval_loader=None, *, strategy: str = "full", lr: fl
     """Prepare ``model`` for ``strategy``, build the optimizer and schedule, train; returns the Trainer.
 
     ``optimizer``: "adamw", "adam" or "sgd"; ``schedule``: "linear", "cosine",
-    "constant" or None, with ``warmup_ratio`` of the steps warming up.
+    "constant", "slanted_triangular" or None, with ``warmup_ratio`` of the steps warming up.
     ``strategy_options`` go to ``prepare`` (e.g. ``{"decay": 0.9}``,
     ``{"fisher_loader": loader}``). For feature_extraction the loaders are
     replaced by loaders over cached features (on disk in ``feature_cache_dir``
@@ -381,15 +381,8 @@ def fit(model, train_loader, eval_loader=None, *, strategy: str = "full", lr: fl
             eval_loader = plan.features(eval_loader, cache=cache("eval.safetensors"))
     make = {"adamw": optim.AdamW, "adam": optim.Adam, "sgd": optim.SGD}[optimizer]
     opt = make(plan.param_groups, lr=lr)
-    factory = None
-    if schedule is not None:
-        def factory(o, total):
-            warmup = int(warmup_ratio * total)
-            if schedule == "linear":
-                return optim.LinearSchedule(o, warmup, total)
-            if schedule == "cosine":
-                return optim.CosineSchedule(o, warmup, total)
-            return optim.ConstantSchedule(o, warmup)
+    factory = None if schedule is None else (
+        lambda o, total: optim.schedule_by_name(schedule, o, total, warmup_ratio))
     trainer = Trainer(plan.model, opt, train_loader, eval_loader=eval_loader, schedule=factory,
                       on_epoch_start=plan.on_epoch_start, layer_of=plan.layer_of(), **trainer_kwargs)
     trainer.plan = plan

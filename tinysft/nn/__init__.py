@@ -1,8 +1,9 @@
 """Neural-network building blocks with PyTorch's names: Module, Parameter, layers, attention, transformer."""
+from ..functional import gelu
 from .attention import (MultiHeadSelfAttention, SelfAttention, attention_bias, scaled_dot_product_attention,
                         scaled_masked_softmax)
 from .layers import (GELU, MLP, Dropout, Embedding, Identity, LayerNorm, Linear, ReLU, SublayerOutput, Tanh,
-                     activation, gelu)
+                     activation)
 from .module import (IncompatibleKeys, Module, ModuleList, Parameter, Sequential, StateDictError,
                      swap_parameters)
 from .transformer import (POOLINGS, ClassificationHead, Intermediate, Pooler, TransformerEncoder,

@@ -140,11 +140,6 @@ class Dropout(Module):
         return f"p={self.p}"
 
 
-def gelu(x: Tensor, approximate: str = "none") -> Tensor:
-    """GELU(x) = x·Φ(x); ``approximate='tanh'``: ½x(1 + tanh(√(2/π)(x + 0.044715x³)))."""
-    return x.gelu(approximate)
-
-
 class GELU(Module):
     """GELU activation; ``approximate='tanh'`` for the tanh form (HF's gelu_new)."""
 
@@ -156,7 +151,7 @@ class GELU(Module):
 
     def forward(self, x: Tensor) -> Tensor:
         # x: (...) -> (...)
-        return gelu(x, self.approximate)
+        return F.gelu(x, self.approximate)
 
     def extra_repr(self):
         return f"approximate={self.approximate!r}"

@@ -337,7 +337,21 @@ def swap_parameters(module: Module, tensors: dict):
             owner._parameters[leaf] = original
 
 
-class Sequential(Module):
+class _ModuleSequence(Module):
+    """What Sequential and ModuleList share: length, iteration, ``append`` under the next index."""
+
+    def __len__(self):
+        return len(self._modules)
+
+    def __iter__(self):
+        return iter(self._modules.values())
+
+    def append(self, module: Module):
+        setattr(self, str(len(self)), module)
+        return self
+
+
+class Sequential(_ModuleSequence):
     """Modules applied in order; registered as '0', '1', ... (or by the names of an OrderedDict)."""
 
     def __init__(self, *modules):
@@ -355,16 +369,6 @@ class Sequential(Module):
             return Sequential(*items[index])
         return items[index]
 
-    def __len__(self):
-        return len(self._modules)
-
-    def __iter__(self):
-        return iter(self._modules.values())
-
-    def append(self, module: Module):
-        setattr(self, str(len(self)), module)
-        return self
-
     def forward(self, x):
         # x: whatever the first module takes -> whatever the last one gives
         for m in self._modules.values():
@@ -372,7 +376,7 @@ class Sequential(Module):
         return x
 
 
-class ModuleList(Module):
+class ModuleList(_ModuleSequence):
     """A list of Modules registered as '0', '1', ... (``encoder.layer.3.…``)."""
 
     def __init__(self, modules=()):
@@ -392,16 +396,6 @@ class ModuleList(Module):
 
     def __setitem__(self, index: int, module: Module):
         setattr(self, self._key(index), module)
-
-    def __len__(self):
-        return len(self._modules)
-
-    def __iter__(self):
-        return iter(self._modules.values())
-
-    def append(self, module: Module):
-        setattr(self, str(len(self)), module)
-        return self
 
     def extend(self, modules):
         for m in modules:

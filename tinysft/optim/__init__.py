@@ -10,17 +10,20 @@ from .groups import NO_DECAY, param_groups_with_decay
 from .optimizer import Optimizer
 from .regularization import PENALTIES, penalty_loss, snapshot_anchor
 from .schedules import (
+           SCHEDULES,
            ConstantSchedule,
            CosineSchedule,
            LinearSchedule,
            LRSchedule,
            SlantedTriangular,
+           schedule_by_name,
 )
 from .sgd import SGD
 
 __all__ = [
            "NO_DECAY",
            "PENALTIES",
+           "SCHEDULES",
            "SGD",
            "Adam",
            "AdamW",
@@ -35,5 +38,6 @@ __all__ = [
            "clip_grad_value_",
            "param_groups_with_decay",
            "penalty_loss",
+           "schedule_by_name",
            "snapshot_anchor",
 ]

@@ -17,6 +17,8 @@ after loading the pretrained weights, or call ``snapshot_anchor`` then). The
 copies live in the group under ``"penalty_anchor"``, so they travel with the
 optimizer's ``state_dict``.
 """
+import numpy as np
+
 from ..backend import device_of, to_device
 from ..tensor import Tensor
 
@@ -77,7 +79,7 @@ def penalty_loss(optimizer_or_groups):
             term = term * lam
             total = term if total is None else total + term
     if total is None:  # a zero of the parameters' dtype, on their device
-        return Tensor(first.xp.zeros((), first.data.dtype) if first is not None else 0.0)
+        return Tensor(first.xp.zeros((), first.data.dtype) if first is not None else np.zeros((), np.float32))
     return total
 
 

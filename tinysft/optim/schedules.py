@@ -128,3 +128,21 @@ class SlantedTriangular(LRSchedule):
         cut = self.cut
         p = t / cut if t < cut else max(0.0, 1 - (t - cut) / (cut * (1 / self.cut_frac - 1)))
         return (1 + p * (self.ratio - 1)) / self.ratio
+
+
+SCHEDULES = ("linear", "cosine", "constant", "slanted_triangular")
+
+
+def schedule_by_name(name: str, optimizer, total_steps: int, warmup_ratio: float = 0.0) -> LRSchedule:
+    """The schedule called ``name`` (see ``SCHEDULES``) over ``total_steps``, the first
+    ``int(warmup_ratio · total_steps)`` of them warming up (slanted_triangular has its own ramp)."""
+    warmup = int(warmup_ratio * total_steps)
+    if name == "linear":
+        return LinearSchedule(optimizer, warmup, total_steps)
+    if name == "cosine":
+        return CosineSchedule(optimizer, warmup, total_steps)
+    if name == "constant":
+        return ConstantSchedule(optimizer, warmup)
+    if name == "slanted_triangular":
+        return SlantedTriangular(optimizer, total_steps)
+    raise ValueError(f"unknown schedule {name!r}; expected one of {SCHEDULES}")
