@@ -76,6 +76,22 @@ def compare(ours, theirs=None, repeats=15, warmup=2, rounds=3, min_time=0.0):
     return statistics.median(times["ours"]), statistics.median(times["theirs"]) if theirs is not None else None
 
 
+def compare_many(fns, repeats=15, warmup=2, rounds=3, min_time=0.0):
+    """``compare`` for any number of callables: ``{name: fn}`` -> ``{name: median seconds}``.
+
+    Same interleaving as ``compare`` (``rounds`` blocks of each, a pause before each block);
+    ``None`` entries are skipped and come back as None.
+    """
+    times = {name: [] for name in fns}
+    per_block = max(1, -(-repeats // rounds))
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            if fn is not None:
+                time.sleep(0.2)
+                times[name] += samples(fn, per_block, warmup, min_time)
+    return {name: statistics.median(t) if t else None for name, t in times.items()}
+
+
 def header(title, torch):
     """Print what the figures depend on: machine, thread count, library versions."""
     cpu = platform.processor() or platform.machine()
