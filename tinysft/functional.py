@@ -175,9 +175,10 @@ def dropout(x: Tensor, p: float = 0.5, training: bool = True, generator=None) ->
     if not training or p == 0.0:
         return x
     rng = generator or default_generator(x.device)
-    keep = rng.random(x.shape) >= p
+    noise = rng.random(x.shape, dtype=x.dtype if x.dtype == np.float32 else np.float64)  # U[0, 1)
     scale = 0.0 if p == 1.0 else 1.0 / (1.0 - p)
-    return x * Tensor((keep * scale).astype(x.dtype))
+    mask = x.xp.multiply(noise >= p, scale, out=noise)  # 1/(1−p) where kept, 0 where dropped
+    return x * Tensor(mask.astype(x.dtype, copy=False))
 
 
 # ----- losses -----

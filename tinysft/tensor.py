@@ -183,8 +183,12 @@ class Tensor:
             return other
         return Tensor(self.xp.asarray(other, dtype=self.dtype))
 
-    def _accumulate(self, grad):
-        """Add ``grad`` (summed back to this shape) into ``self.grad``."""
+    def _accumulate(self, grad, owned: bool = False):
+        """Add ``grad`` (summed back to this shape) into ``self.grad``.
+
+        ``owned``: ``grad`` is a fresh array no other node holds, so a leaf may
+        keep it as its gradient without a copy (e.g. an embedding table's).
+        """
         if not self.requires_grad:
             return
         grad = unbroadcast(grad, self.shape)
@@ -193,7 +197,7 @@ class Tensor:
         if self.grad is None:
             # a leaf owns its gradient (optimizers edit it in place); an
             # intermediate may share the array since nothing edits it.
-            self.grad = self.xp.array(grad, copy=True) if not self._parents else grad
+            self.grad = self.xp.array(grad, copy=True) if not (self._parents or owned) else grad
         elif self._parents:
             self.grad = self.grad + grad
         else:
@@ -435,7 +439,7 @@ class Tensor:
             def _backward():
                 full = self.xp.zeros(self.shape, dtype=self.dtype)
                 scatter_add(full, index, out.grad)
-                self._accumulate(full)
+                self._accumulate(full, owned=True)
             out._backward = _backward
         return out
 

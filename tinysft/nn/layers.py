@@ -60,7 +60,7 @@ def _embedding_skip_row(weight: Tensor, ids, padding_idx: int) -> Tensor:
             full = weight.xp.zeros(weight.shape, dtype=weight.dtype)  # (V, D)
             scatter_add(full, ids, out.grad)
             full[padding_idx] = 0
-            weight._accumulate(full)
+            weight._accumulate(full, owned=True)
         out._backward = _backward
     return out
 

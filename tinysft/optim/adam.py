@@ -59,11 +59,11 @@ class Adam(Optimizer):
             v += work                                                       # v ← β₂v + (1 − β₂)g²
             if amsgrad:
                 v = xp.maximum(v_max, v, out=v_max)
+            # m/(√v/b + ε) = b·m/(√v + ε·b), b = √(1 − β₂ᵗ): the bias correction costs no pass
             denom = xp.sqrt(v, out=work)
-            denom /= bc2_sqrt
-            denom += eps                                                    # √v / √(1 − β₂ᵗ) + ε
+            denom += eps * bc2_sqrt
             update = xp.divide(m, denom, out=work)
-            update *= step_size
+            update *= step_size * bc2_sqrt
             theta -= update
 
 
