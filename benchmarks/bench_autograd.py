@@ -14,6 +14,7 @@ import numpy as np
 
 import tinysft
 from tinysft import functional as F
+from tinysft import optim
 
 torch = _timing.load_torch()
 CHAIN = 1000
@@ -66,50 +67,50 @@ def bench_matmul(n=1024):
     _timing.row(f"matmul {n}³ float32 fwd+bwd", ours, theirs, extra=extra)
 
 
-def bench_mlp(batch=128, sizes=(784, 512, 512, 10), lr=0.01):
+def bench_mlp(optimizer="adam", batch=128, sizes=(784, 512, 512, 10), lr=1e-3):
+    """One training step (forward, cross-entropy, backward, optimizer step) with each library's own
+    optimizer: ``optimizer`` "adam" (tinysft.optim.Adam vs torch.optim.Adam) or "sgd"."""
     rng = np.random.default_rng(0)
     weights = [(rng.standard_normal((i, o)) * np.sqrt(2.0 / i)).astype(np.float32) for i, o in itertools.pairwise(sizes)]
     biases = [np.zeros(o, dtype=np.float32) for o in sizes[1:]]
     x_np = rng.standard_normal((batch, sizes[0]), dtype=np.float32)
     y_np = rng.integers(0, sizes[-1], batch)
 
-    params = [tinysft.tensor(p.copy(), requires_grad=True) for pair in zip(weights, biases) for p in pair]
-    x, y = tinysft.tensor(x_np), tinysft.tensor(y_np)
-
-    def ours_step():
-        h = x
+    def mlp(params, h, relu):
         for i in range(0, len(params), 2):
             h = h @ params[i] + params[i + 1]
             if i + 2 < len(params):
-                h = h.relu()
-        F.cross_entropy(h, y).backward()
-        for p in params:  # plain SGD, in place
-            p.data -= lr * p.grad
-            p.grad = None
+                h = relu(h)
+        return h
+
+    params = [tinysft.tensor(p.copy(), requires_grad=True) for pair in zip(weights, biases) for p in pair]
+    x, y = tinysft.tensor(x_np), tinysft.tensor(y_np)
+    opt = {"adam": optim.Adam, "sgd": optim.SGD}[optimizer](params, lr=lr)
+
+    def ours_step():
+        opt.zero_grad()
+        F.cross_entropy(mlp(params, x, lambda h: h.relu()), y).backward()
+        opt.step()
 
     torch_step = None
     if torch:
         tparams = [torch.tensor(p.copy(), requires_grad=True) for pair in zip(weights, biases) for p in pair]
         tx, ty = torch.from_numpy(x_np), torch.from_numpy(y_np)
+        topt = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}[optimizer](tparams, lr=lr)
 
         def torch_step():
-            h = tx
-            for i in range(0, len(tparams), 2):
-                h = h @ tparams[i] + tparams[i + 1]
-                if i + 2 < len(tparams):
-                    h = h.relu()
-            torch.nn.functional.cross_entropy(h, ty).backward()
-            with torch.no_grad():
-                for p in tparams:
-                    p -= lr * p.grad
-                    p.grad = None
+            topt.zero_grad()
+            torch.nn.functional.cross_entropy(mlp(tparams, tx, torch.relu), ty).backward()
+            topt.step()
 
     ours, theirs = _timing.compare(ours_step, torch_step, repeats=21)
-    _timing.row(f"MLP {'-'.join(map(str, sizes))} b{batch} SGD step", ours, theirs)
+    _timing.row(f"MLP {'-'.join(map(str, sizes))} b{batch} {optimizer.upper() if optimizer == 'sgd' else 'Adam'} step",
+                ours, theirs)
 
 
 if __name__ == "__main__":
     _timing.header("bench_autograd: tinysft vs PyTorch CPU (ratio = tinysft time / torch time)", torch)
     bench_chain()
     bench_matmul()
-    bench_mlp()
+    bench_mlp("adam")
+    bench_mlp("sgd")

@@ -50,7 +50,8 @@ class RunConfig:
     pooling: str = field(default="mean", metadata={"help": "'mean' or 'cls'"})
     patience: int = field(default=2, metadata={"help": "early stopping: epochs without improvement (0 = off)"})
     min_delta: float = field(default=0.0, metadata={"help": "early stopping: smallest improvement that counts"})
-    unfreeze_per_epoch: int = field(default=0, metadata={"help": "layerwise: gradual unfreezing, layers per epoch (0 = off)"})
+    gradual_unfreeze: bool = field(default=False, metadata={"help": "layerwise: start with the head alone and unfreeze "
+                                                                     "one more layer group from the top each epoch"})
     checkpoint_every: int = field(default=0, metadata={"help": "write a resumable checkpoint every N steps (0 = off)"})
     seed: int = field(default=0, metadata={"help": "seed for splits, shuffling, dropout and the head"})
     device: str = field(default="cpu", metadata={"help": "'cpu' or 'cuda'"})

@@ -89,8 +89,7 @@ def build_schedule(config: RunConfig):
 
 def _strategy_options(config: RunConfig, train_loader) -> dict:
     if config.strategy == "layerwise":
-        return {"decay": config.decay, "gradual_unfreeze": config.unfreeze_per_epoch > 0,
-                "unfreeze_every": 1}
+        return {"decay": config.decay, "gradual_unfreeze": config.gradual_unfreeze}
     if config.strategy == "discriminative":
         return {"fisher_loader": train_loader, "fisher_batches": 8}
     return {}
