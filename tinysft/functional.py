@@ -1,8 +1,8 @@
 """Neural-network functions on Tensors.
 
 Most are compositions of Tensor primitives and need no backward of their own.
-Four get a hand-written, fused backward because it is stabler or much cheaper:
-log_softmax, layer_norm, cross_entropy (and, through the primitives, matmul).
+Five get a hand-written, fused backward because it is stabler or much cheaper:
+linear, log_softmax, layer_norm, cross_entropy (and, through the primitives, matmul).
 """
 import numpy as np
 
@@ -36,6 +36,41 @@ def tanh(x: Tensor) -> Tensor:
     return x.tanh()
 
 
+# ----- affine map -----
+def linear(x: Tensor, weight: Tensor, bias: Tensor = None) -> Tensor:
+    """y = x Wᵀ + b over the last axis: x (..., in), W (out, in), b (out,) → (..., out).
+
+    The leading axes fold into one GEMM over N rows, and b is added in place on
+    its fresh output. Backward (fused), with g the (N, out) upstream gradient:
+      dx = g W;  dW = gᵀ x;  db = Σ_rows g.
+    """
+    weight = x._lift(weight)
+    out_features, in_features = weight.shape if weight.ndim == 2 else (None, None)
+    if x.ndim == 0 or x.shape[-1] != in_features:
+        raise ShapeError(f"linear: input of shape {x.shape} does not fit a weight of shape {weight.shape}")
+    if bias is not None:
+        bias = x._lift(bias)
+        if bias.shape != (out_features,):
+            raise ShapeError(f"linear: bias of shape {bias.shape} for a weight of shape {weight.shape}")
+    flat = x.data.reshape(-1, in_features)  # (N, in)
+    value = flat @ weight.data.T  # (N, out); W.T is a view, BLAS reads it transposed
+    if bias is not None:
+        value += bias.data
+    params = (x, weight) if bias is None else (x, weight, bias)
+    out = x._make(value.reshape(*x.shape[:-1], out_features), params, "linear")
+    if out.requires_grad:
+        def _backward(grad):
+            g = grad.reshape(-1, out_features)  # (N, out)
+            if x.requires_grad:
+                x._accumulate((g @ weight.data).reshape(x.shape))
+            if weight.requires_grad:
+                weight._accumulate(g.T @ flat, owned=True)
+            if bias is not None and bias.requires_grad:
+                bias._accumulate(g.sum(axis=0), owned=True)
+        out._backward = _backward
+    return out
+
+
 # ----- joining and selecting -----
 def cat(tensors, axis=0) -> Tensor:
     """Concatenate along ``axis``; the gradient is split back into the pieces."""
@@ -48,9 +83,9 @@ def cat(tensors, axis=0) -> Tensor:
         raise ShapeError(f"cat: shapes {[t.shape for t in tensors]} do not fit along axis {axis}") from error
     out = first._make(value, tuple(tensors), "cat")
     if out.requires_grad:
-        def _backward():
+        def _backward(grad):
             bounds = np.cumsum([t.shape[axis] for t in tensors])[:-1]
-            for t, piece in zip(tensors, first.xp.split(out.grad, bounds, axis=axis)):
+            for t, piece in zip(tensors, first.xp.split(grad, bounds, axis=axis)):
                 t._accumulate(piece)
         out._backward = _backward
     return out
@@ -80,10 +115,10 @@ def where(condition, a, b) -> Tensor:
         raise ShapeError(f"where: shapes {cond.shape}, {a.shape} and {b.shape} do not broadcast") from error
     out = like._make(value, (a, b), "where")
     if out.requires_grad:
-        def _backward():
-            zero = out.grad.dtype.type(0)
-            a._accumulate(like.xp.where(cond, out.grad, zero))
-            b._accumulate(like.xp.where(cond, zero, out.grad))
+        def _backward(grad):
+            zero = grad.dtype.type(0)
+            a._accumulate(like.xp.where(cond, grad, zero))
+            b._accumulate(like.xp.where(cond, zero, grad))
         out._backward = _backward
     return out
 
@@ -104,8 +139,8 @@ def log_softmax(x: Tensor, axis=-1) -> Tensor:
     value = shifted - xp.log(xp.exp(shifted).sum(axis=axis, keepdims=True))
     out = x._make(value, (x,), "log_softmax")
     if out.requires_grad:
-        out._backward = lambda: x._accumulate(
-            out.grad - xp.exp(value) * out.grad.sum(axis=axis, keepdims=True))
+        out._backward = lambda grad: x._accumulate(
+            grad - xp.exp(value) * grad.sum(axis=axis, keepdims=True))
     return out
 
 
@@ -127,28 +162,32 @@ def layer_norm(x: Tensor, weight=None, bias=None, eps: float = 1e-5) -> Tensor:
         if p is not None and p.shape != (width,):
             raise ShapeError(f"layer_norm: {name} of shape {p.shape} for input of shape {x.shape}")
     mean = x.data.mean(axis=-1, keepdims=True)
-    centered = x.data - mean
-    rstd = 1.0 / xp.sqrt((centered * centered).mean(axis=-1, keepdims=True) + eps)
-    normed = centered * rstd  # (..., D)
+    normed = x.data - mean  # (..., D): centred here, normalised in place below
+    rstd = 1.0 / xp.sqrt((normed * normed).mean(axis=-1, keepdims=True) + eps)
+    normed *= rstd
     value = normed
     if weight is not None:
         value = value * weight.data
     if bias is not None:
-        value = value + bias.data
+        value = value + bias.data if value is normed else xp.add(value, bias.data, out=value)
     params = tuple(p for p in (weight, bias) if p is not None)
     out = x._make(value, (x,) + params, "layer_norm")
     if out.requires_grad:
-        def _backward():
-            g = out.grad
+        def _backward(g):
             dnormed = g * weight.data if weight is not None else g
             if x.requires_grad:
-                x._accumulate(rstd / width * (width * dnormed - dnormed.sum(axis=-1, keepdims=True)
-                                              - normed * (dnormed * normed).sum(axis=-1, keepdims=True)))
+                # the bracket is built in place: D·dx̂ − Σdx̂ − x̂·Σ(dx̂·x̂), then scaled by r/D
+                dx = dnormed * width
+                dx -= dnormed.sum(axis=-1, keepdims=True)
+                product = dnormed * normed
+                dx -= xp.multiply(normed, product.sum(axis=-1, keepdims=True), out=product)
+                dx *= rstd / width
+                x._accumulate(dx)
             leading = tuple(range(g.ndim - 1))
             if weight is not None and weight.requires_grad:
-                weight._accumulate((g * normed).sum(axis=leading))
+                weight._accumulate((g * normed).sum(axis=leading), owned=True)
             if bias is not None and bias.requires_grad:
-                bias._accumulate(g.sum(axis=leading))
+                bias._accumulate(g.sum(axis=leading), owned=True)
         out._backward = _backward
     return out
 
@@ -232,12 +271,12 @@ def cross_entropy(logits: Tensor, target, ignore_index: int = -100, label_smooth
         value = loss_rows.reshape(logits.shape[:-1])
     out = logits._make(xp.asarray(value, dtype=rows.dtype), (logits,), "cross_entropy")
     if out.requires_grad:
-        def _backward():
-            scale = out.grad.reshape(-1, 1) if reduction == "none" else out.grad
+        def _backward(grad):
+            scale = grad.reshape(-1, 1) if reduction == "none" else grad
             # a loss's upstream gradient is usually 1: then dlogits is the gradient as it stands (it is
             # never edited in place, so later backward calls can reuse it)
-            grad = dlogits if bool((scale == 1).all()) else dlogits * scale
-            logits._accumulate(grad.reshape(logits.shape))
+            scaled = dlogits if bool((scale == 1).all()) else dlogits * scale
+            logits._accumulate(scaled.reshape(logits.shape))
         out._backward = _backward
     return out
 

@@ -8,7 +8,7 @@ erf, by dtype:
 - float32: Eigen's float32 rational erf (the one PyTorch's CPU kernels vectorise),
   erf(x) ≈ x·P(x²)/Q(x²) on x clipped to [−4, 4], max abs error 4.5e-7 — a few
   float32 ulps, at a third of the array passes.
-On the CPU the work runs over 32K-element chunks so every temporary stays in cache.
+On the CPU the work runs over 64K-element chunks so every temporary stays in cache.
 """
 import math
 
@@ -30,7 +30,7 @@ _EIGEN_Q = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03,
 _SQRT1_2 = math.sqrt(0.5)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
-_CHUNK = 1 << 15
+_CHUNK = 1 << 16
 
 
 def _module_of(x):
@@ -49,17 +49,22 @@ def _polyval(coefficients, x):
 
 
 def _chunked(fn, *arrays):
-    """``fn(*arrays)`` computed over 32K-element chunks on the CPU (one call on a GPU)."""
+    """``fn(*arrays)`` for an elementwise ``fn`` that returns a tuple of arrays shaped like its inputs,
+    computed over 64K-element chunks on the CPU (one call on a GPU)."""
     xp = _module_of(arrays[0])
-    if arrays[0].ndim == 0:  # ufuncs give scalars for 0-d arrays, which in-place steps cannot write into
-        return fn(*(a.reshape(1) for a in arrays)).reshape(())
-    if xp.__name__ != "numpy" or arrays[0].size <= _CHUNK:
-        return fn(*arrays)
+    shape = arrays[0].shape
+    # 1-D even for 0-d inputs: ufuncs give scalars for 0-d arrays, which in-place steps cannot write into
     flats = [xp.ascontiguousarray(a).reshape(-1) for a in arrays]
-    out = xp.empty_like(flats[0])
-    for start in range(0, out.size, _CHUNK):
-        out[start:start + _CHUNK] = fn(*(f[start:start + _CHUNK] for f in flats))
-    return out.reshape(arrays[0].shape)
+    if xp.__name__ != "numpy" or flats[0].size <= _CHUNK:
+        return tuple(r.reshape(shape) for r in fn(*flats))
+    outs = None
+    for start in range(0, flats[0].size, _CHUNK):
+        results = fn(*(f[start:start + _CHUNK] for f in flats))
+        if outs is None:
+            outs = tuple(xp.empty(flats[0].size, dtype=r.dtype) for r in results)
+        for out, r in zip(outs, results):
+            out[start:start + _CHUNK] = r
+    return tuple(out.reshape(shape) for out in outs)
 
 
 def _erf(x):
@@ -90,7 +95,7 @@ def _erf(x):
 
 def erf(x):
     """The error function erf(x) = 2/√π ∫₀ˣ e^(−t²) dt, elementwise on any ``xp`` array."""
-    return _chunked(_erf, _module_of(x).asarray(x))
+    return _chunked(lambda v: (_erf(v),), _module_of(x).asarray(x))[0]
 
 
 def normal_cdf(x):
@@ -103,23 +108,25 @@ def normal_pdf(x):
     return _module_of(x).exp(-0.5 * x * x) * _INV_SQRT_2PI
 
 
-def _gelu_saved(x, approximate):
-    """What both GELU and its derivative need: Φ(x) (exact) or tanh u (tanh form)."""
+def _gelu_pair(x, approximate):
+    """(GELU(x), saved): saved is what the derivative also needs, Φ(x) (exact) or tanh u (tanh form)."""
     if approximate == "none":
-        return normal_cdf(x)
+        saved = normal_cdf(x)
+        return x * saved, saved
     u = x * x
     u *= 0.044715
     u += 1.0
     u *= x
     u *= _SQRT_2_OVER_PI
-    return _module_of(x).tanh(u, out=u)
+    saved = _module_of(x).tanh(u, out=u)
+    value = x * 0.5
+    value *= 1.0 + saved
+    return value, saved
 
 
 def gelu(x, approximate: str = "none"):
     """(GELU(x), saved) — exact x·Φ(x), or ½x(1 + tanh u), u = √(2/π)(x + 0.044715x³)."""
-    saved = _chunked(lambda v: _gelu_saved(v, approximate), x)
-    value = x * saved if approximate == "none" else 0.5 * x * (1.0 + saved)
-    return value, saved
+    return _chunked(lambda v: _gelu_pair(v, approximate), x)
 
 
 def _gelu_slope(x, saved, approximate):
@@ -138,4 +145,4 @@ def _gelu_slope(x, saved, approximate):
 
 def gelu_derivative(x, saved, approximate: str = "none"):
     """d GELU/dx from x and the ``saved`` array that ``gelu`` returned."""
-    return _chunked(lambda v, s: _gelu_slope(v, s, approximate), x, saved)
+    return _chunked(lambda v, s: (_gelu_slope(v, s, approximate),), x, saved)[0]

@@ -1,7 +1,10 @@
 """Tensor: an array of the active backend plus reverse-mode autograd.
 
 Each op computes its output and, right beside it, the closure that accumulates
-the gradient into its inputs (micrograd's shape, vectorised over ``xp``).
+the gradient into its inputs (micrograd's shape, vectorised over ``xp``). The
+closure receives the output's gradient as its argument and never refers to the
+output itself, so a graph holds no reference cycles: it is freed the moment its
+last tensor is dropped, without waiting for Python's cycle collector.
 ``backward()`` sorts the graph depth-first without recursion and runs the
 closures in reverse. Gradients are raw backend arrays, never Tensors.
 
@@ -160,7 +163,7 @@ class Tensor:
         """Cast; the gradient is cast back to this tensor's dtype."""
         out = self._make(self.data.astype(dtype), (self,), "astype")
         if out.requires_grad:
-            out._backward = lambda: self._accumulate(out.grad)
+            out._backward = lambda grad: self._accumulate(grad)
         return out
 
     def float(self):
@@ -226,7 +229,7 @@ class Tensor:
         self._accumulate(self.xp.asarray(grad, dtype=self.dtype))
         for node in reversed(order):
             if node._backward is not None and node.grad is not None:
-                node._backward()
+                node._backward(node.grad)
             if node._parents:
                 node.grad = None  # intermediate gradients are not kept
 
@@ -259,9 +262,9 @@ class Tensor:
         other = self._lift(other)
         out = self._make(self._broadcast_op(other, self.xp.add, "add"), (self, other), "+")
         if out.requires_grad:
-            def _backward():
-                self._accumulate(out.grad)
-                other._accumulate(out.grad)
+            def _backward(grad):
+                self._accumulate(grad)
+                other._accumulate(grad)
             out._backward = _backward
         return out
 
@@ -270,11 +273,11 @@ class Tensor:
         other = self._lift(other)
         out = self._make(self._broadcast_op(other, self.xp.multiply, "mul"), (self, other), "*")
         if out.requires_grad:
-            def _backward():
+            def _backward(grad):
                 if self.requires_grad:
-                    self._accumulate(out.grad * other.data)
+                    self._accumulate(grad * other.data)
                 if other.requires_grad:
-                    other._accumulate(out.grad * self.data)
+                    other._accumulate(grad * self.data)
             out._backward = _backward
         return out
 
@@ -311,7 +314,7 @@ class Tensor:
         """out = f(x) with ``local_grad()`` = f'(x), evaluated only when needed."""
         out = self._make(value, (self,), op)
         if out.requires_grad:
-            out._backward = lambda: self._accumulate(out.grad * local_grad())
+            out._backward = lambda grad: self._accumulate(grad * local_grad())
         return out
 
     def exp(self):
@@ -364,8 +367,8 @@ class Tensor:
         """Σ over ``axis``; the gradient is broadcast back over the summed axes."""
         out = self._make(self.data.sum(axis=axis, keepdims=keepdims), (self,), "sum")
         if out.requires_grad:
-            out._backward = lambda: self._accumulate(
-                self.xp.broadcast_to(_expand_reduced(out.grad, self.shape, axis, keepdims), self.shape))
+            out._backward = lambda grad: self._accumulate(
+                self.xp.broadcast_to(_expand_reduced(grad, self.shape, axis, keepdims), self.shape))
         return out
 
     def mean(self, axis=None, keepdims=False):
@@ -379,10 +382,10 @@ class Tensor:
         out = self._make(value if keepdims else value.reshape(
             [n for i, n in enumerate(self.shape) if i not in _normalize_axes(axis, self.ndim)]), (self,), "max")
         if out.requires_grad:
-            def _backward():
+            def _backward(grad):
                 winners = (self.data == value).astype(self.dtype)
                 winners /= winners.sum(axis=axis, keepdims=True)
-                self._accumulate(winners * _expand_reduced(out.grad, self.shape, axis, keepdims))
+                self._accumulate(winners * _expand_reduced(grad, self.shape, axis, keepdims))
             out._backward = _backward
         return out
 
@@ -405,7 +408,7 @@ class Tensor:
             raise ShapeError(f"reshape: cannot reshape {self.shape} ({self.size} elements) into {shape}") from error
         out = self._make(value, (self,), "reshape")
         if out.requires_grad:
-            out._backward = lambda: self._accumulate(out.grad.reshape(self.shape))
+            out._backward = lambda grad: self._accumulate(grad.reshape(self.shape))
         return out
 
     view = reshape
@@ -418,7 +421,7 @@ class Tensor:
         out = self._make(self.data.transpose(axes), (self,), "permute")
         if out.requires_grad:
             inverse = np.argsort([a % self.ndim for a in axes])
-            out._backward = lambda: self._accumulate(out.grad.transpose(inverse))
+            out._backward = lambda grad: self._accumulate(grad.transpose(inverse))
         return out
 
     def transpose(self, dim0=-2, dim1=-1):
@@ -436,9 +439,9 @@ class Tensor:
         index = _raw_index(index)
         out = self._make(self.data[index], (self,), "getitem")
         if out.requires_grad:
-            def _backward():
+            def _backward(grad):
                 full = self.xp.zeros(self.shape, dtype=self.dtype)
-                scatter_add(full, index, out.grad)
+                scatter_add(full, index, grad)
                 self._accumulate(full, owned=True)
             out._backward = _backward
         return out
@@ -460,11 +463,11 @@ class Tensor:
             raise ShapeError(f"matmul: batch shapes of {self.shape} and {other.shape} do not broadcast") from error
         out = self._make(value, (self, other), "matmul")
         if out.requires_grad:
-            def _backward():
+            def _backward(grad):
                 # treat vectors as (1, K) and (K, 1) matrices, then undo
                 a2 = a[None, :] if a.ndim == 1 else a
                 b2 = b[:, None] if b.ndim == 1 else b
-                g = out.grad[..., None] if b.ndim == 1 else out.grad
+                g = grad[..., None] if b.ndim == 1 else grad
                 g = self.xp.expand_dims(g, -2) if a.ndim == 1 else g
                 if self.requires_grad:
                     self._accumulate(unbroadcast(g @ b2.swapaxes(-1, -2), a2.shape).reshape(a.shape))

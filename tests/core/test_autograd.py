@@ -1,5 +1,7 @@
-"""Autograd semantics: reuse, diamonds, depth, no_grad, accumulation, detach, aliasing."""
+"""Autograd semantics: reuse, diamonds, depth, no_grad, accumulation, detach, aliasing, freeing."""
+import gc
 import time
+import weakref
 
 import numpy as np
 import pytest
@@ -93,6 +95,26 @@ def test_gradients_accumulate_across_backward_calls(device):
     np.testing.assert_array_equal(grad_of(a), [4.0, 8.0])
     (a * 3.0).sum().backward()  # a second graph adds to the same .grad
     np.testing.assert_array_equal(grad_of(a), [7.0, 11.0])
+
+
+def test_a_graph_is_freed_without_the_cycle_collector():
+    """Backward closures never refer to their own output: dropping the loss frees every node at once."""
+    from tinysft import functional as F
+    from tinysft.nn.attention import scaled_masked_softmax
+    rng = np.random.default_rng(0)
+    x, w, b = leaf(rng.standard_normal((2, 3, 4))), leaf(rng.standard_normal((4, 4))), leaf(np.zeros(4))
+    gc.disable()
+    try:
+        h = F.layer_norm(F.linear(x, w, b), w[0], b).gelu()  # (2, 3, 4)
+        probs = scaled_masked_softmax(h @ h.transpose(-1, -2), 0.5)  # (2, 3, 3)
+        mixed = F.dropout(F.cat([probs @ h, h], axis=-1), 0.5, generator=np.random.default_rng(0))
+        loss = F.cross_entropy(mixed.mean(axis=1), np.array([0, 1])) + mixed.max() + (h * h).sum().sqrt()
+        loss.backward()
+        nodes = [weakref.ref(t) for t in (h, probs, mixed, loss)]
+        del h, probs, mixed, loss
+        assert [node() for node in nodes] == [None] * len(nodes)
+    finally:
+        gc.enable()
 
 
 def test_intermediate_gradients_are_freed():

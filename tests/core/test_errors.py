@@ -149,13 +149,13 @@ def _double_with_wrong_backward(x, factor=1.5, only=None):
     """2x whose backward is off by ``factor`` (everywhere, or at the flat element ``only``)."""
     out = x._make(x.data * 2.0, (x,), "bad_double")
     if out.requires_grad:
-        def _backward():
+        def _backward(grad):
             scale = np.full(x.shape, 2.0)
             if only is None:
                 scale *= factor
             else:
                 scale.reshape(-1)[only] *= factor
-            x._accumulate(out.grad * scale)
+            x._accumulate(grad * scale)
         out._backward = _backward
     return out
 
@@ -174,7 +174,7 @@ def test_gradcheck_catches_a_missing_gradient():
     def forgets_its_input(x):
         out = x._make(x.data * 3.0, (x,), "forgets")
         if out.requires_grad:
-            out._backward = lambda: None
+            out._backward = lambda grad: None
         return out
 
     with pytest.raises(GradcheckError, match=r"element \(0,\): analytic 0 vs numeric"):

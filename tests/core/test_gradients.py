@@ -108,6 +108,16 @@ def test_matmul_with_constant_operand(data, k, n):
     assert gradcheck(lambda y: a @ y, [b])  # ndarray @ Tensor goes through __rmatmul__
 
 
+@given(data=st.data(), lead=hnp.array_shapes(min_dims=0, max_dims=2, min_side=1, max_side=MAX_SIDE),
+       k=st.integers(1, 3), n=st.integers(1, 3), with_bias=st.booleans())
+def test_linear(data, lead, k, n, with_bias):
+    """F.linear's fused backward: x (..., k) incl. a single row and a bare vector, W (n, k), b (n,)."""
+    inputs = [data.draw(arrays(lead + (k,))), data.draw(arrays((n, k)))]
+    if with_bias:
+        inputs.append(data.draw(arrays((n,))))
+    assert gradcheck(F.linear, inputs)
+
+
 # ----- reductions -----
 @pytest.mark.parametrize("op", ["sum", "mean"])
 @given(data=st.data(), shape=shapes, keepdims=st.booleans())

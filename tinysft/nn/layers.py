@@ -38,12 +38,7 @@ class Linear(Module):
 
     def forward(self, x: Tensor) -> Tensor:
         # x: (..., in) -> (..., out); folded to one 2-D GEMM so BLAS sees a single big matrix
-        lead = x.shape[:-1]
-        flat = x.reshape(-1, self.in_features) if x.ndim != 2 else x  # (N, in)
-        y = flat @ self.weight.T  # (N, out); W.T is a view, BLAS reads it transposed
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*lead, self.out_features) if x.ndim != 2 else y
+        return F.linear(x, self.weight, self.bias)
 
     def extra_repr(self):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
@@ -56,9 +51,9 @@ def _embedding_skip_row(weight: Tensor, ids, padding_idx: int) -> Tensor:
     ids = ids.data if isinstance(ids, Tensor) else weight.xp.asarray(ids)
     out = weight._make(value, (weight,), "embedding")
     if out.requires_grad:
-        def _backward():
+        def _backward(grad):
             full = weight.xp.zeros(weight.shape, dtype=weight.dtype)  # (V, D)
-            scatter_add(full, ids, out.grad)
+            scatter_add(full, ids, grad)
             full[padding_idx] = 0
             weight._accumulate(full, owned=True)
         out._backward = _backward
