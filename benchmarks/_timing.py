@@ -11,7 +11,9 @@ THREADS = int(os.environ.get("BENCH_THREADS", os.cpu_count() or 1))
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ[_var] = str(THREADS)
 
+import cProfile
 import platform
+import pstats
 import statistics
 import time
 
@@ -116,3 +118,14 @@ def row(name, ours, theirs=None, unit="ms", scale=1e3, extra=""):
     if theirs is not None:
         text += f"   torch {theirs * scale:10.3f} {unit}   ratio {ours / theirs:6.2f}x"
     print(text + (f"   {extra}" if extra else ""), flush=True)
+
+
+def profile(fn, steps: int, what: str, top: int = 15) -> None:
+    """cProfile ``steps`` calls of ``fn`` and print the ``top`` functions by their own time."""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(steps):
+        fn()
+    profiler.disable()
+    print(f"# cProfile of {steps} {what}, by own time")
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(top)

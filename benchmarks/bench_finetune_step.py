@@ -16,10 +16,8 @@ random lengths in [T/2, T] (the rest padding). Also a forward-only timing (eval 
 Per-phase medians (forward + loss, backward, optimizer) come from the same timed steps.
 """
 import argparse
-import cProfile
 import math
 import os
-import pstats
 import statistics
 import time
 
@@ -214,13 +212,8 @@ def bench_forward(config, model, tmodel, b, t, repeats):
 def profile(config, model, optimizer, steps, b=16, t=64, top=25):
     ids, mask, labels = batch(b, t, config.vocab_size)
     tinysft_step(model, optimizer, ids, mask, labels, [])  # warm
-    profiler = cProfile.Profile()
-    profiler.enable()
-    for _ in range(steps):
-        tinysft_step(model, optimizer, ids, mask, labels, [])
-    profiler.disable()
-    print(f"# cProfile of {steps} tinysft steps at {b}x{t}, by own time")
-    pstats.Stats(profiler).sort_stats("tottime").print_stats(top)
+    _timing.profile(lambda: tinysft_step(model, optimizer, ids, mask, labels, []), steps,
+                    f"tinysft steps at {b}x{t}", top)
 
 
 if __name__ == "__main__":

@@ -16,14 +16,11 @@ Gradients are random normal × 1e-2, fixed across steps.
    of each library's total norm (on the original gradients) against a float64 reference.
 """
 import argparse
-import cProfile
 import math
-import pstats
 
 import _timing  # first: pins BLAS threads before NumPy loads
 import numpy as np
 
-import tinysft
 from tinysft.nn import Parameter
 from tinysft.optim import AdamW, clip_grad_norm_
 
@@ -115,13 +112,7 @@ def bench_clip(values, grads, repeats):
 def profile(values, grads, steps, top=15):
     optimizer = AdamW(tinysft_params(values, grads), lr=LR)
     optimizer.step()  # state allocated
-    profiler = cProfile.Profile()
-    profiler.enable()
-    for _ in range(steps):
-        optimizer.step()
-    profiler.disable()
-    print(f"# cProfile of {steps} tinysft AdamW steps, by own time")
-    pstats.Stats(profiler).sort_stats("tottime").print_stats(top)
+    _timing.profile(optimizer.step, steps, "tinysft AdamW steps", top)
 
 
 if __name__ == "__main__":
