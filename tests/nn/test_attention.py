@@ -164,12 +164,17 @@ def test_bad_head_count():
         nn.SelfAttention(10, 3)
 
 
-def test_fused_masked_softmax_matches_composition_and_gradchecks():
-    rng = np.random.default_rng(0)
-    scores = rng.standard_normal((2, 3, 4, 4))
-    bias = nn.attention_bias(np.array([[1, 1, 1, 0], [1, 0, 0, 0]]), np.float64)
-    fused = nn.scaled_masked_softmax(tinysft.tensor(scores), 0.5, bias).numpy()
-    composed = tinysft.functional.softmax(tinysft.tensor(scores) * 0.5 + bias).numpy()
+@given(batch=st.integers(1, 2), heads=st.integers(1, 3), length=st.integers(1, 5),
+       scale=st.floats(0.1, 2.0), seed=st.integers(0, 2 ** 16))
+def test_fused_masked_softmax_matches_composition_and_gradchecks(batch, heads, length, scale, seed):
+    """Random (B, H, T, T) scores incl. size-1 axes and T = 1; each row keeps at least its first key."""
+    rng = np.random.default_rng(seed)
+    scores = rng.standard_normal((batch, heads, length, length))
+    mask = (rng.random((batch, length)) < 0.7).astype(np.int64)
+    mask[:, 0] = 1
+    bias = nn.attention_bias(mask, np.float64)
+    fused = nn.scaled_masked_softmax(tinysft.tensor(scores), scale, bias).numpy()
+    composed = tinysft.functional.softmax(tinysft.tensor(scores) * scale + bias).numpy()
     np.testing.assert_allclose(fused, composed, atol=1e-12)
-    assert (fused[1, :, :, 1:] == 0).all()
-    assert tinysft.gradcheck(lambda s: nn.scaled_masked_softmax(s, 0.5, bias), [scores])
+    assert (fused[np.broadcast_to(mask[:, None, None, :] == 0, fused.shape)] == 0).all()
+    assert tinysft.gradcheck(lambda s: nn.scaled_masked_softmax(s, scale, bias), [scores])
