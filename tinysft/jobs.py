@@ -33,7 +33,7 @@ from .finetune.metrics import classification_metrics
 from .functional import cross_entropy
 from .io import atomic_write_text, load_file, save_file
 from .models import BertForSequenceClassification, BertModel, locate_model
-from .optim import SGD, Adam, AdamW, schedule_by_name
+from .optim import optimizer_by_name, schedule_by_name
 from .tensor import no_grad, tensor
 
 
@@ -76,9 +76,8 @@ def tokenizing_collate(tokenizer, max_length: int):
 
 # ----- model and optimizer -----
 def build_optimizer(config: RunConfig, param_groups):
-    if config.optimizer == "sgd":
-        return SGD(param_groups, lr=config.lr, momentum=config.momentum)
-    return {"adamw": AdamW, "adam": Adam}[config.optimizer](param_groups, lr=config.lr)
+    hyper = {"momentum": config.momentum} if config.optimizer == "sgd" else {}
+    return optimizer_by_name(config.optimizer, param_groups, lr=config.lr, **hyper)
 
 
 def build_schedule(config: RunConfig):

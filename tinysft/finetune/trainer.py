@@ -379,8 +379,7 @@ def fit(model, train_loader, eval_loader=None, *, strategy: str = "full", lr: fl
                                      cache=cache("train.safetensors"))
         if eval_loader is not None:
             eval_loader = plan.features(eval_loader, cache=cache("eval.safetensors"))
-    make = {"adamw": optim.AdamW, "adam": optim.Adam, "sgd": optim.SGD}[optimizer]
-    opt = make(plan.param_groups, lr=lr)
+    opt = optim.optimizer_by_name(optimizer, plan.param_groups, lr=lr)
     factory = None if schedule is None else (
         lambda o, total: optim.schedule_by_name(schedule, o, total, warmup_ratio))
     trainer = Trainer(plan.model, opt, train_loader, eval_loader=eval_loader, schedule=factory,

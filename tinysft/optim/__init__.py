@@ -20,7 +20,18 @@ from .schedules import (
 )
 from .sgd import SGD
 
+OPTIMIZERS = {"adamw": AdamW, "adam": Adam, "sgd": SGD}
+
+
+def optimizer_by_name(name: str, params, **hyper):
+    """``OPTIMIZERS[name](params, **hyper)``, with a clear error for an unknown name."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; expected one of {', '.join(OPTIMIZERS)}")
+    return OPTIMIZERS[name](params, **hyper)
+
 __all__ = [
+           "OPTIMIZERS",
+           "optimizer_by_name",
            "NO_DECAY",
            "PENALTIES",
            "SCHEDULES",
