@@ -1,21 +1,31 @@
 """Neural-network functions on Tensors.
 
 Most are compositions of Tensor primitives and need no backward of their own.
-Five get a hand-written, fused backward because it is stabler or much cheaper:
-linear, log_softmax, layer_norm, cross_entropy (and, through the primitives, matmul).
+The fused composites get a hand-written backward because it is stabler or much
+cheaper than the chain of primitives: linear, layer_norm, cross_entropy, the
+scaled masked softmax of attention and the padding-aware embedding. Each is
+written with the op-definition API of ``tinysft.tensor`` (``make_node``,
+``accumulate_grad``, ``lift``); the primitives' derivatives (elementwise,
+reductions, matmul, indexing, cat, where, softmax/log-softmax) live with
+``Tensor`` and are re-exported here under their PyTorch names.
+
+>>> from tinysft import tensor
+>>> x = tensor([[1.0, 2.0, 3.0]], requires_grad=True)
+>>> loss = cross_entropy(x, [2])
+>>> round(loss.item(), 4)
+0.4076
+>>> loss.backward()
+>>> x.grad.round(4)
+array([[ 0.09  ,  0.2447, -0.3348]], dtype=float32)
 """
 import numpy as np
 
 from .rng import generator as default_generator
-from .tensor import ShapeError, Tensor
+from .tensor import ShapeError, Tensor, cat, lift, make_node, where
 
 
 class TargetError(IndexError):
     """A class label outside [0, num_classes) that is not the ignore_index."""
-
-
-def _as_tensor(x, like: Tensor) -> Tensor:
-    return like._lift(x)  # a Tensor is checked to be on like's device; anything else becomes a constant
 
 
 # ----- activations -----
@@ -44,12 +54,12 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor = None) -> Tensor:
     its fresh output. Backward (fused), with g the (N, out) upstream gradient:
       dx = g W;  dW = gᵀ x;  db = Σ_rows g.
     """
-    weight = x._lift(weight)
+    weight = lift(weight, x)
     out_features, in_features = weight.shape if weight.ndim == 2 else (None, None)
     if x.ndim == 0 or x.shape[-1] != in_features:
         raise ShapeError(f"linear: input of shape {x.shape} does not fit a weight of shape {weight.shape}")
     if bias is not None:
-        bias = x._lift(bias)
+        bias = lift(bias, x)
         if bias.shape != (out_features,):
             raise ShapeError(f"linear: bias of shape {bias.shape} for a weight of shape {weight.shape}")
     flat = x.data.reshape(-1, in_features)  # (N, in)
@@ -57,40 +67,21 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor = None) -> Tensor:
     if bias is not None:
         value += bias.data
     params = (x, weight) if bias is None else (x, weight, bias)
-    out = x._make(value.reshape(*x.shape[:-1], out_features), params, "linear")
+    out = make_node(value.reshape(*x.shape[:-1], out_features), params, "linear")
     if out.requires_grad:
-        def _backward(grad):
+        def backward_fn(grad):
             g = grad.reshape(-1, out_features)  # (N, out)
             if x.requires_grad:
-                x._accumulate((g @ weight.data).reshape(x.shape))
+                x.accumulate_grad((g @ weight.data).reshape(x.shape))
             if weight.requires_grad:
-                weight._accumulate(g.T @ flat, owned=True)
+                weight.accumulate_grad(g.T @ flat, owned=True)
             if bias is not None and bias.requires_grad:
-                bias._accumulate(g.sum(axis=0), owned=True)
-        out._backward = _backward
+                bias.accumulate_grad(g.sum(axis=0), owned=True)
+        out.backward_fn = backward_fn
     return out
 
 
-# ----- joining and selecting -----
-def cat(tensors, axis=0) -> Tensor:
-    """Concatenate along ``axis``; the gradient is split back into the pieces."""
-    tensors = list(tensors)
-    first = tensors[0]
-    tensors = [first._lift(t) for t in tensors]  # all on one device
-    try:
-        value = first.xp.concatenate([t.data for t in tensors], axis=axis)
-    except ValueError as error:
-        raise ShapeError(f"cat: shapes {[t.shape for t in tensors]} do not fit along axis {axis}") from error
-    out = first._make(value, tuple(tensors), "cat")
-    if out.requires_grad:
-        def _backward(grad):
-            bounds = np.cumsum([t.shape[axis] for t in tensors])[:-1]
-            for t, piece in zip(tensors, first.xp.split(grad, bounds, axis=axis)):
-                t._accumulate(piece)
-        out._backward = _backward
-    return out
-
-
+# ----- joining and selecting (cat and where are primitives of tinysft.tensor) -----
 concatenate = cat
 
 
@@ -104,49 +95,20 @@ def stack(tensors, axis=0) -> Tensor:
     return cat([t.reshape(t.shape[:new_axis] + (1,) + t.shape[new_axis:]) for t in tensors], axis=new_axis)
 
 
-def where(condition, a, b) -> Tensor:
-    """Elementwise ``a`` where condition holds, else ``b``; each gets the gradient of its picks."""
-    like = a if isinstance(a, Tensor) else b
-    a, b = _as_tensor(a, like), _as_tensor(b, like)
-    cond = condition.data if isinstance(condition, Tensor) else like.xp.asarray(condition)
-    try:
-        value = like.xp.where(cond, a.data, b.data)
-    except ValueError as error:
-        raise ShapeError(f"where: shapes {cond.shape}, {a.shape} and {b.shape} do not broadcast") from error
-    out = like._make(value, (a, b), "where")
-    if out.requires_grad:
-        def _backward(grad):
-            zero = grad.dtype.type(0)
-            a._accumulate(like.xp.where(cond, grad, zero))
-            b._accumulate(like.xp.where(cond, zero, grad))
-        out._backward = _backward
-    return out
-
-
 def masked_fill(x: Tensor, mask, value: float) -> Tensor:
     """``x`` with ``value`` where ``mask`` is True (no gradient flows to those entries)."""
-    return where(mask, x._lift(value), x)
+    return where(mask, lift(value, x), x)
 
 
 # ----- softmax family -----
 def log_softmax(x: Tensor, axis=-1) -> Tensor:
-    """log softmax(x) = x − log Σ e^x, stable (max subtracted).
-
-    Backward (fused): dx = g − softmax(x) · Σ g.
-    """
-    xp = x.xp
-    shifted = x.data - x.data.max(axis=axis, keepdims=True)
-    value = shifted - xp.log(xp.exp(shifted).sum(axis=axis, keepdims=True))
-    out = x._make(value, (x,), "log_softmax")
-    if out.requires_grad:
-        out._backward = lambda grad: x._accumulate(
-            grad - xp.exp(value) * grad.sum(axis=axis, keepdims=True))
-    return out
+    """x − log Σ e^x over ``axis`` (``Tensor.log_softmax``, fused backward there)."""
+    return x.log_softmax(axis)
 
 
 def softmax(x: Tensor, axis=-1) -> Tensor:
-    """softmax(x)_i = e^(x_i) / Σ_j e^(x_j), as exp(log_softmax(x))."""
-    return log_softmax(x, axis).exp()
+    """e^(x_i) / Σ_j e^(x_j) over ``axis`` (``Tensor.softmax``)."""
+    return x.softmax(axis)
 
 
 # ----- normalisation -----
@@ -171,9 +133,9 @@ def layer_norm(x: Tensor, weight=None, bias=None, eps: float = 1e-5) -> Tensor:
     if bias is not None:
         value = value + bias.data if value is normed else xp.add(value, bias.data, out=value)
     params = tuple(p for p in (weight, bias) if p is not None)
-    out = x._make(value, (x,) + params, "layer_norm")
+    out = make_node(value, (x,) + params, "layer_norm")
     if out.requires_grad:
-        def _backward(g):
+        def backward_fn(g):
             dnormed = g * weight.data if weight is not None else g
             if x.requires_grad:
                 # the bracket is built in place: D·dx̂ − Σdx̂ − x̂·Σ(dx̂·x̂), then scaled by r/D
@@ -182,13 +144,13 @@ def layer_norm(x: Tensor, weight=None, bias=None, eps: float = 1e-5) -> Tensor:
                 product = dnormed * normed
                 dx -= xp.multiply(normed, product.sum(axis=-1, keepdims=True), out=product)
                 dx *= rstd / width
-                x._accumulate(dx)
+                x.accumulate_grad(dx)
             leading = tuple(range(g.ndim - 1))
             if weight is not None and weight.requires_grad:
-                weight._accumulate((g * normed).sum(axis=leading), owned=True)
+                weight.accumulate_grad((g * normed).sum(axis=leading), owned=True)
             if bias is not None and bias.requires_grad:
-                bias._accumulate(g.sum(axis=leading), owned=True)
-        out._backward = _backward
+                bias.accumulate_grad(g.sum(axis=leading), owned=True)
+        out.backward_fn = backward_fn
     return out
 
 
@@ -269,15 +231,15 @@ def cross_entropy(logits: Tensor, target, ignore_index: int = -100, label_smooth
         value = loss_rows.sum()
     else:
         value = loss_rows.reshape(logits.shape[:-1])
-    out = logits._make(xp.asarray(value, dtype=rows.dtype), (logits,), "cross_entropy")
+    out = make_node(xp.asarray(value, dtype=rows.dtype), (logits,), "cross_entropy")
     if out.requires_grad:
-        def _backward(grad):
+        def backward_fn(grad):
             scale = grad.reshape(-1, 1) if reduction == "none" else grad
             # a loss's upstream gradient is usually 1: then dlogits is the gradient as it stands (it is
             # never edited in place, so later backward calls can reuse it)
             scaled = dlogits if bool((scale == 1).all()) else dlogits * scale
-            logits._accumulate(scaled.reshape(logits.shape))
-        out._backward = _backward
+            logits.accumulate_grad(scaled.reshape(logits.shape))
+        out.backward_fn = backward_fn
     return out
 
 
@@ -309,7 +271,7 @@ def _cross_entropy_rows(rows, target, valid, label_smoothing, row_scale):
 
 def mse_loss(input: Tensor, target, reduction: str = "mean") -> Tensor:
     """Mean squared error (1/n) Σ (input − target)²; d/dinput = 2(input − target)/n."""
-    target = _as_tensor(target, input)
+    target = lift(target, input)
     if input.shape != target.shape:
         raise ShapeError(f"mse_loss: input of shape {input.shape} and target of shape {target.shape} differ")
     squared = (input - target) ** 2

@@ -8,6 +8,19 @@ last tensor is dropped, without waiting for Python's cycle collector.
 ``backward()`` sorts the graph depth-first without recursion and runs the
 closures in reverse. Gradients are raw backend arrays, never Tensors.
 
+Defining an op. Every hand-written derivative, here for the primitives and in
+``tinysft.functional`` for the fused composites, uses the same three names:
+
+    out = make_node(value, parents, "op_name")   # requires_grad iff grad mode is on
+    if out.requires_grad:                        # and some parent requires it
+        def backward_fn(g):                      # g: upstream gradient, shape of out
+            if x.requires_grad:
+                x.accumulate_grad(dx)            # summed back to x's shape; owned=True
+        out.backward_fn = backward_fn            # when dx is a fresh array
+
+``lift(value, like)`` turns a number or array into a constant on ``like``'s
+device and dtype (and checks that a Tensor is on ``like``'s device).
+
 >>> a = tensor([1.0, 2.0], requires_grad=True)
 >>> (a * a).sum().backward()
 >>> a.grad
@@ -75,6 +88,27 @@ def _shape_arg(shape):
     return tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape
 
 
+def make_node(value, parents, op: str) -> "Tensor":
+    """A new graph node holding ``value`` (an array of the parents' backend).
+
+    It requires a gradient iff grad mode is on and some parent requires one, and
+    keeps its parents only then, so a graph built under ``no_grad`` holds nothing.
+    Set ``out.backward_fn`` when ``out.requires_grad``.
+    """
+    requires = _grad_enabled and any(p.requires_grad for p in parents)
+    return Tensor(value, requires_grad=requires, _parents=tuple(parents) if requires else (), _op=op)
+
+
+def lift(value, like: "Tensor") -> "Tensor":
+    """``value`` as a Tensor next to ``like``: a Tensor is checked to be on ``like``'s device and
+    returned as is; a Python number or array becomes a constant of ``like``'s dtype and device."""
+    if isinstance(value, Tensor):
+        if value.device != like.device:
+            raise DeviceError(f"tensors on different devices: {like.device} and {value.device}")
+        return value
+    return Tensor(like.xp.asarray(value, dtype=like.dtype))
+
+
 def _raw_index(index):
     """An index with Tensors replaced by their arrays."""
     if isinstance(index, Tensor):
@@ -99,7 +133,7 @@ class Tensor:
         self.grad = None
         self.requires_grad = requires_grad
         self._parents = _parents
-        self._backward = None
+        self.backward_fn = None  # g -> None: accumulates into the parents (see make_node)
         self._op = _op
 
     # ----- properties -----
@@ -161,9 +195,9 @@ class Tensor:
 
     def astype(self, dtype) -> "Tensor":
         """Cast; the gradient is cast back to this tensor's dtype."""
-        out = self._make(self.data.astype(dtype), (self,), "astype")
+        out = make_node(self.data.astype(dtype), (self,), "astype")
         if out.requires_grad:
-            out._backward = lambda grad: self._accumulate(grad)
+            out.backward_fn = lambda grad: self.accumulate_grad(grad)
         return out
 
     def float(self):
@@ -173,20 +207,7 @@ class Tensor:
         return self.astype(np.float64)
 
     # ----- graph plumbing -----
-    def _make(self, data, parents, op):
-        """A new node; it keeps its parents only when a gradient must flow."""
-        requires = _grad_enabled and any(p.requires_grad for p in parents)
-        return Tensor(data, requires_grad=requires, _parents=parents if requires else (), _op=op)
-
-    def _lift(self, other) -> "Tensor":
-        """Turn a Python number or array into a constant Tensor on this device."""
-        if isinstance(other, Tensor):
-            if other.device != self.device:
-                raise DeviceError(f"tensors on different devices: {self.device} and {other.device}")
-            return other
-        return Tensor(self.xp.asarray(other, dtype=self.dtype))
-
-    def _accumulate(self, grad, owned: bool = False):
+    def accumulate_grad(self, grad, owned: bool = False):
         """Add ``grad`` (summed back to this shape) into ``self.grad``.
 
         ``owned``: ``grad`` is a fresh array no other node holds, so a leaf may
@@ -226,10 +247,10 @@ class Tensor:
             raise ShapeError(f"backward(): gradient of shape {tuple(grad.shape)} for a tensor of shape {self.shape}")
 
         order = self._topological_order()
-        self._accumulate(self.xp.asarray(grad, dtype=self.dtype))
+        self.accumulate_grad(self.xp.asarray(grad, dtype=self.dtype))
         for node in reversed(order):
-            if node._backward is not None and node.grad is not None:
-                node._backward(node.grad)
+            if node.backward_fn is not None and node.grad is not None:
+                node.backward_fn(node.grad)
             if node._parents:
                 node.grad = None  # intermediate gradients are not kept
 
@@ -259,26 +280,26 @@ class Tensor:
 
     def __add__(self, other):
         """a + b; d/da = 1, d/db = 1 (summed over broadcast axes)."""
-        other = self._lift(other)
-        out = self._make(self._broadcast_op(other, self.xp.add, "add"), (self, other), "+")
+        other = lift(other, self)
+        out = make_node(self._broadcast_op(other, self.xp.add, "add"), (self, other), "+")
         if out.requires_grad:
-            def _backward(grad):
-                self._accumulate(grad)
-                other._accumulate(grad)
-            out._backward = _backward
+            def backward_fn(grad):
+                self.accumulate_grad(grad)
+                other.accumulate_grad(grad)
+            out.backward_fn = backward_fn
         return out
 
     def __mul__(self, other):
         """a * b; d/da = b, d/db = a."""
-        other = self._lift(other)
-        out = self._make(self._broadcast_op(other, self.xp.multiply, "mul"), (self, other), "*")
+        other = lift(other, self)
+        out = make_node(self._broadcast_op(other, self.xp.multiply, "mul"), (self, other), "*")
         if out.requires_grad:
-            def _backward(grad):
+            def backward_fn(grad):
                 if self.requires_grad:
-                    self._accumulate(grad * other.data)
+                    self.accumulate_grad(grad * other.data)
                 if other.requires_grad:
-                    other._accumulate(grad * self.data)
-            out._backward = _backward
+                    other.accumulate_grad(grad * self.data)
+            out.backward_fn = backward_fn
         return out
 
     def __pow__(self, exponent):
@@ -293,10 +314,10 @@ class Tensor:
         return self * -1.0
 
     def __sub__(self, other):
-        return self + (-self._lift(other))
+        return self + (-lift(other, self))
 
     def __rsub__(self, other):
-        return self._lift(other) - self
+        return lift(other, self) - self
 
     def __truediv__(self, other):
         if isinstance(other, Tensor):
@@ -304,7 +325,7 @@ class Tensor:
         return self * (1.0 / other)
 
     def __rtruediv__(self, other):
-        return self._lift(other) * self ** -1.0
+        return lift(other, self) * self ** -1.0
 
     __radd__ = __add__
     __rmul__ = __mul__
@@ -312,9 +333,9 @@ class Tensor:
     # ----- elementwise unary ops: value and local derivative side by side -----
     def _unary(self, value, local_grad, op):
         """out = f(x) with ``local_grad()`` = f'(x), evaluated only when needed."""
-        out = self._make(value, (self,), op)
+        out = make_node(value, (self,), op)
         if out.requires_grad:
-            out._backward = lambda grad: self._accumulate(grad * local_grad())
+            out.backward_fn = lambda grad: self.accumulate_grad(grad * local_grad())
         return out
 
     def exp(self):
@@ -365,9 +386,9 @@ class Tensor:
     # ----- reductions -----
     def sum(self, axis=None, keepdims=False):
         """Σ over ``axis``; the gradient is broadcast back over the summed axes."""
-        out = self._make(self.data.sum(axis=axis, keepdims=keepdims), (self,), "sum")
+        out = make_node(self.data.sum(axis=axis, keepdims=keepdims), (self,), "sum")
         if out.requires_grad:
-            out._backward = lambda grad: self._accumulate(
+            out.backward_fn = lambda grad: self.accumulate_grad(
                 self.xp.broadcast_to(_expand_reduced(grad, self.shape, axis, keepdims), self.shape))
         return out
 
@@ -379,14 +400,14 @@ class Tensor:
     def max(self, axis=None, keepdims=False):
         """max over ``axis``; the gradient goes to the maxima, split evenly between ties."""
         value = self.data.max(axis=axis, keepdims=True)
-        out = self._make(value if keepdims else value.reshape(
+        out = make_node(value if keepdims else value.reshape(
             [n for i, n in enumerate(self.shape) if i not in _normalize_axes(axis, self.ndim)]), (self,), "max")
         if out.requires_grad:
-            def _backward(grad):
+            def backward_fn(grad):
                 winners = (self.data == value).astype(self.dtype)
                 winners /= winners.sum(axis=axis, keepdims=True)
-                self._accumulate(winners * _expand_reduced(grad, self.shape, axis, keepdims))
-            out._backward = _backward
+                self.accumulate_grad(winners * _expand_reduced(grad, self.shape, axis, keepdims))
+            out.backward_fn = backward_fn
         return out
 
     def var(self, axis=None, keepdims=False, correction=1):
@@ -406,9 +427,9 @@ class Tensor:
             value = self.data.reshape(shape)
         except ValueError as error:
             raise ShapeError(f"reshape: cannot reshape {self.shape} ({self.size} elements) into {shape}") from error
-        out = self._make(value, (self,), "reshape")
+        out = make_node(value, (self,), "reshape")
         if out.requires_grad:
-            out._backward = lambda grad: self._accumulate(grad.reshape(self.shape))
+            out.backward_fn = lambda grad: self.accumulate_grad(grad.reshape(self.shape))
         return out
 
     view = reshape
@@ -418,10 +439,10 @@ class Tensor:
         axes = _shape_arg(axes)
         if sorted(a % self.ndim for a in axes) != list(range(self.ndim)):
             raise ShapeError(f"permute: {axes} is not an ordering of the {self.ndim} axes of shape {self.shape}")
-        out = self._make(self.data.transpose(axes), (self,), "permute")
+        out = make_node(self.data.transpose(axes), (self,), "permute")
         if out.requires_grad:
             inverse = np.argsort([a % self.ndim for a in axes])
-            out._backward = lambda grad: self._accumulate(grad.transpose(inverse))
+            out.backward_fn = lambda grad: self.accumulate_grad(grad.transpose(inverse))
         return out
 
     def transpose(self, dim0=-2, dim1=-1):
@@ -437,19 +458,19 @@ class Tensor:
     def __getitem__(self, index):
         """Slicing and integer-array indexing; backward scatter-adds (repeats sum)."""
         index = _raw_index(index)
-        out = self._make(self.data[index], (self,), "getitem")
+        out = make_node(self.data[index], (self,), "getitem")
         if out.requires_grad:
-            def _backward(grad):
+            def backward_fn(grad):
                 full = self.xp.zeros(self.shape, dtype=self.dtype)
                 scatter_add(full, index, grad)
-                self._accumulate(full, owned=True)
-            out._backward = _backward
+                self.accumulate_grad(full, owned=True)
+            out.backward_fn = backward_fn
         return out
 
     # ----- matmul -----
     def __matmul__(self, other):
         """a @ b (batched, broadcasting); d/da = g @ bᵀ, d/db = aᵀ @ g."""
-        other = self._lift(other)
+        other = lift(other, self)
         a, b = self.data, other.data
         if a.ndim == 0 or b.ndim == 0 or a.shape[-1] != b.shape[0 if b.ndim == 1 else -2]:
             raise ShapeError(f"matmul: shapes {self.shape} and {other.shape} do not align")
@@ -461,23 +482,23 @@ class Tensor:
             value = a @ b
         except ValueError as error:
             raise ShapeError(f"matmul: batch shapes of {self.shape} and {other.shape} do not broadcast") from error
-        out = self._make(value, (self, other), "matmul")
+        out = make_node(value, (self, other), "matmul")
         if out.requires_grad:
-            def _backward(grad):
+            def backward_fn(grad):
                 # treat vectors as (1, K) and (K, 1) matrices, then undo
                 a2 = a[None, :] if a.ndim == 1 else a
                 b2 = b[:, None] if b.ndim == 1 else b
                 g = grad[..., None] if b.ndim == 1 else grad
                 g = self.xp.expand_dims(g, -2) if a.ndim == 1 else g
                 if self.requires_grad:
-                    self._accumulate(unbroadcast(g @ b2.swapaxes(-1, -2), a2.shape).reshape(a.shape))
+                    self.accumulate_grad(unbroadcast(g @ b2.swapaxes(-1, -2), a2.shape).reshape(a.shape))
                 if other.requires_grad:
-                    other._accumulate(unbroadcast(a2.swapaxes(-1, -2) @ g, b2.shape).reshape(b.shape))
-            out._backward = _backward
+                    other.accumulate_grad(unbroadcast(a2.swapaxes(-1, -2) @ g, b2.shape).reshape(b.shape))
+            out.backward_fn = backward_fn
         return out
 
     def __rmatmul__(self, other):
-        return self._lift(other) @ self
+        return lift(other, self) @ self
 
     # ----- comparisons (no gradient) -----
     def __lt__(self, other):
@@ -489,14 +510,71 @@ class Tensor:
     def argmax(self, axis=None):
         return Tensor(self.data.argmax(axis=axis))
 
-    # ----- conveniences that compose the functional ops -----
-    def softmax(self, axis=-1):
-        from .functional import softmax
-        return softmax(self, axis)
-
+    # ----- softmax family -----
     def log_softmax(self, axis=-1):
-        from .functional import log_softmax
-        return log_softmax(self, axis)
+        """log softmax(x) = x − log Σ e^x, stable (max subtracted).
+
+        Backward (fused): dx = g − softmax(x) · Σ g.
+        """
+        xp = self.xp
+        shifted = self.data - self.data.max(axis=axis, keepdims=True)
+        value = shifted - xp.log(xp.exp(shifted).sum(axis=axis, keepdims=True))
+        out = make_node(value, (self,), "log_softmax")
+        if out.requires_grad:
+            out.backward_fn = lambda grad: self.accumulate_grad(
+                grad - xp.exp(value) * grad.sum(axis=axis, keepdims=True))
+        return out
+
+    def softmax(self, axis=-1):
+        """softmax(x)_i = e^(x_i) / Σ_j e^(x_j), as exp(log_softmax(x))."""
+        return self.log_softmax(axis).exp()
+
+
+# ----- joining and selecting -----
+def cat(tensors, axis=0) -> Tensor:
+    """Concatenate along ``axis``; the gradient is split back into the pieces.
+
+    >>> cat([tensor([1.0]), tensor([2.0, 3.0])])
+    tensor(array([1., 2., 3.], dtype=float32))
+    """
+    tensors = list(tensors)
+    first = tensors[0]
+    tensors = [lift(t, first) for t in tensors]  # all on one device
+    try:
+        value = first.xp.concatenate([t.data for t in tensors], axis=axis)
+    except ValueError as error:
+        raise ShapeError(f"cat: shapes {[t.shape for t in tensors]} do not fit along axis {axis}") from error
+    out = make_node(value, tuple(tensors), "cat")
+    if out.requires_grad:
+        def backward_fn(grad):
+            bounds = np.cumsum([t.shape[axis] for t in tensors])[:-1]
+            for t, piece in zip(tensors, first.xp.split(grad, bounds, axis=axis)):
+                t.accumulate_grad(piece)
+        out.backward_fn = backward_fn
+    return out
+
+
+def where(condition, a, b) -> Tensor:
+    """Elementwise ``a`` where condition holds, else ``b``; each gets the gradient of its picks.
+
+    >>> where(tensor([True, False]), tensor([1.0, 2.0]), 0.0)
+    tensor(array([1., 0.], dtype=float32))
+    """
+    like = a if isinstance(a, Tensor) else b
+    a, b = lift(a, like), lift(b, like)
+    cond = condition.data if isinstance(condition, Tensor) else like.xp.asarray(condition)
+    try:
+        value = like.xp.where(cond, a.data, b.data)
+    except ValueError as error:
+        raise ShapeError(f"where: shapes {cond.shape}, {a.shape} and {b.shape} do not broadcast") from error
+    out = make_node(value, (a, b), "where")
+    if out.requires_grad:
+        def backward_fn(grad):
+            zero = grad.dtype.type(0)
+            a.accumulate_grad(like.xp.where(cond, grad, zero))
+            b.accumulate_grad(like.xp.where(cond, zero, grad))
+        out.backward_fn = backward_fn
+    return out
 
 
 def tensor(data, dtype=None, device="cpu", requires_grad=False) -> Tensor:

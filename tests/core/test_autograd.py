@@ -70,7 +70,7 @@ def test_no_grad_records_nothing(device):
         assert not tinysft.is_grad_enabled()
         b = (a * 2.0).exp().sum()
     assert tinysft.is_grad_enabled()
-    assert not b.requires_grad and b._parents == () and b._backward is None
+    assert not b.requires_grad and b._parents == () and b.backward_fn is None
     with pytest.raises(RuntimeError, match="does not require grad"):
         b.backward()
     assert a.grad is None

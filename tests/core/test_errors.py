@@ -9,6 +9,7 @@ import tinysft
 from tinysft import DeviceError, GradcheckError, ShapeError, Tensor, gradcheck
 from tinysft import functional as F
 from tinysft.functional import TargetError
+from tinysft.tensor import make_node
 
 tensor_module = importlib.import_module("tinysft.tensor")  # ``tinysft.tensor`` is the factory function
 
@@ -147,16 +148,16 @@ def test_mixing_devices_names_both(monkeypatch):
 # ----- gradcheck catches a wrong backward and says where -----
 def _double_with_wrong_backward(x, factor=1.5, only=None):
     """2x whose backward is off by ``factor`` (everywhere, or at the flat element ``only``)."""
-    out = x._make(x.data * 2.0, (x,), "bad_double")
+    out = make_node(x.data * 2.0, (x,), "bad_double")
     if out.requires_grad:
-        def _backward(grad):
+        def backward_fn(grad):
             scale = np.full(x.shape, 2.0)
             if only is None:
                 scale *= factor
             else:
                 scale.reshape(-1)[only] *= factor
-            x._accumulate(grad * scale)
-        out._backward = _backward
+            x.accumulate_grad(grad * scale)
+        out.backward_fn = backward_fn
     return out
 
 
@@ -172,9 +173,9 @@ def test_gradcheck_names_input_and_element_of_a_wrong_backward():
 
 def test_gradcheck_catches_a_missing_gradient():
     def forgets_its_input(x):
-        out = x._make(x.data * 3.0, (x,), "forgets")
+        out = make_node(x.data * 3.0, (x,), "forgets")
         if out.requires_grad:
-            out._backward = lambda grad: None
+            out.backward_fn = lambda grad: None
         return out
 
     with pytest.raises(GradcheckError, match=r"element \(0,\): analytic 0 vs numeric"):

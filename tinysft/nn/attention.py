@@ -18,7 +18,7 @@ import math
 import numpy as np
 
 from .. import functional as F
-from ..tensor import Tensor
+from ..tensor import Tensor, make_node
 from .layers import Dropout, Linear, SublayerOutput
 from .module import Module
 
@@ -47,14 +47,14 @@ def scaled_masked_softmax(scores: Tensor, scale: float, bias: Tensor = None) -> 
     z -= z.max(axis=-1, keepdims=True)
     xp.exp(z, out=z)
     z /= z.sum(axis=-1, keepdims=True)
-    out = scores._make(z, (scores,), "masked_softmax")
+    out = make_node(z, (scores,), "masked_softmax")
     if out.requires_grad:
-        def _backward(g):
+        def backward_fn(g):
             grad = g - (g * z).sum(axis=-1, keepdims=True)
             grad *= z
             grad *= scale
-            scores._accumulate(grad)
-        out._backward = _backward
+            scores.accumulate_grad(grad)
+        out.backward_fn = backward_fn
     return out
 
 

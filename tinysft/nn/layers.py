@@ -12,7 +12,7 @@ import numpy as np
 from .. import functional as F
 from ..backend import scatter_add
 from ..rng import generator as default_generator
-from ..tensor import Tensor, no_grad
+from ..tensor import Tensor, make_node, no_grad
 from .module import Module, Parameter, Sequential
 
 
@@ -49,14 +49,14 @@ def _embedding_skip_row(weight: Tensor, ids, padding_idx: int) -> Tensor:
     with no_grad():
         value = F.embedding(weight, ids).data  # validates ids (dtype, range)
     ids = ids.data if isinstance(ids, Tensor) else weight.xp.asarray(ids)
-    out = weight._make(value, (weight,), "embedding")
+    out = make_node(value, (weight,), "embedding")
     if out.requires_grad:
-        def _backward(grad):
+        def backward_fn(grad):
             full = weight.xp.zeros(weight.shape, dtype=weight.dtype)  # (V, D)
             scatter_add(full, ids, grad)
             full[padding_idx] = 0
-            weight._accumulate(full, owned=True)
-        out._backward = _backward
+            weight.accumulate_grad(full, owned=True)
+        out.backward_fn = backward_fn
     return out
 
 
