@@ -1,0 +1,89 @@
+"""Bounds checks shared by the readers of untrusted files (safetensors, GGUF).
+
+Every length, count and offset read from a file is compared with the bytes the
+file actually has *before* anything is allocated or looped over, so a hostile
+header costs time and memory linear in its own size and fails with the reader's
+own exception, naming the file.
+
+    >>> cur = Cursor(b"\\x02\\x00\\x00\\x00ab", error=ValueError)
+    >>> cur.unpack(U32, "length")[0], bytes(cur.take(2, "name"))
+    (2, b'ab')
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable, Iterable
+
+U8, U16, U32, U64 = (struct.Struct(f) for f in ("<B", "<H", "<I", "<Q"))
+INT64_MAX = 2**63 - 1
+
+
+class Cursor:
+    """Sequential little-endian reads from a buffer; a read past the end raises `error(message)`.
+
+    `error` is the reader's exception factory: it receives a message without the
+    file name and returns the exception to raise (the reader adds the name).
+    """
+
+    def __init__(self, buf, error: Callable[[str], Exception], pos: int = 0):
+        self.buf = memoryview(buf).cast("B")
+        self.pos = pos
+        self.error = error
+
+    @property
+    def remaining(self) -> int:
+        return len(self.buf) - self.pos
+
+    def need(self, n: int, what: str) -> None:
+        """Raise unless `n` more bytes are available (n may be any non-negative int, however large)."""
+        if n > self.remaining:
+            raise self.error(f"{what} needs {n} bytes at offset {self.pos} but only {self.remaining} remain "
+                             "(truncated or corrupt file)")
+
+    def take(self, n: int, what: str) -> memoryview:
+        """The next `n` bytes, as a view (no copy)."""
+        self.need(n, what)
+        view = self.buf[self.pos:self.pos + n]
+        self.pos += n
+        return view
+
+    def unpack(self, fmt: struct.Struct, what: str) -> tuple:
+        """Unpack one fixed-size struct at the cursor."""
+        self.need(fmt.size, what)
+        values = fmt.unpack_from(self.buf, self.pos)
+        self.pos += fmt.size
+        return values
+
+
+def checked_size(dims: Iterable[int], limit: int, error: Callable[[str], Exception], what: str) -> int:
+    """Product of non-negative `dims`, raising `error` once a partial product exceeds `limit`.
+
+    Stops at the first overflow, so a shape like [2**62, 2**62, ...] costs O(ndim) with small
+    integers; a zero anywhere makes the product 0 however large the other dims are.
+    """
+    dims = list(dims)
+    if 0 in dims:
+        return 0
+    n = 1
+    for d in dims:
+        n *= d
+        if n > limit:
+            raise error(f"{what}: shape {dims} has more than {limit} elements")
+    return n
+
+
+def check_disjoint(regions: Iterable[tuple[int, int, str]], error: Callable[[str], Exception]) -> list:
+    """Sort byte regions `(begin, end, name)` and raise `error` if two non-empty ones overlap.
+
+    O(n log n) in the number of regions. Returns them sorted by (begin, end).
+    """
+    ordered = sorted(regions, key=lambda r: (r[0], r[1]))
+    reach, owner = 0, None  # the furthest end seen so far, and its region
+    for r in ordered:
+        begin, end, name = r
+        if begin < end:
+            if begin < reach:
+                raise error(f"{name!r}: bytes [{begin}, {end}) overlap {owner[2]!r} at [{owner[0]}, {owner[1]})")
+            reach, owner = end, r
+    return ordered
