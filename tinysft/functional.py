@@ -18,8 +18,11 @@ reductions, matmul, indexing, cat, where, softmax/log-softmax) live with
 >>> x.grad.round(4)
 array([[ 0.09  ,  0.2447, -0.3348]], dtype=float32)
 """
+import math
+
 import numpy as np
 
+from .backend import scatter_add
 from .rng import generator as default_generator
 from .tensor import ShapeError, Tensor, cat, lift, make_node, where
 
@@ -155,15 +158,30 @@ def layer_norm(x: Tensor, weight=None, bias=None, eps: float = 1e-5) -> Tensor:
 
 
 # ----- lookups and noise -----
-def embedding(weight: Tensor, ids) -> Tensor:
-    """Rows of ``weight`` [V, D] picked by integer ``ids`` [...] → [..., D]; backward scatter-adds."""
+def embedding(weight: Tensor, ids, padding_idx: int = None) -> Tensor:
+    """Rows of ``weight`` [V, D] picked by integer ``ids`` [...] → [..., D]; backward scatter-adds.
+
+    ``padding_idx``: that row gets no gradient (PyTorch's padding_idx); its value is
+    still used in the forward. Backward: dW[v] = Σ_{positions p with ids_p = v} g_p,
+    then dW[padding_idx] = 0.
+    """
     ids = ids.data if isinstance(ids, Tensor) else weight.xp.asarray(ids)
     if ids.dtype.kind not in "iu":
         raise TypeError(f"embedding: ids must be integers, got dtype {ids.dtype}")
     if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= weight.shape[0]):
         bad = int(ids.max()) if int(ids.max()) >= weight.shape[0] else int(ids.min())
         raise TargetError(f"embedding: id {bad} out of range for a table of {weight.shape[0]} rows")
-    return weight[ids]
+    if padding_idx is None:
+        return weight[ids]
+    out = make_node(weight.data[ids], (weight,), "embedding")  # (..., D)
+    if out.requires_grad:
+        def backward_fn(grad):
+            full = weight.xp.zeros(weight.shape, dtype=weight.dtype)  # (V, D)
+            scatter_add(full, ids, grad)
+            full[padding_idx] = 0
+            weight.accumulate_grad(full, owned=True)
+        out.backward_fn = backward_fn
+    return out
 
 
 def dropout(x: Tensor, p: float = 0.5, training: bool = True, generator=None) -> Tensor:
@@ -182,21 +200,104 @@ def dropout(x: Tensor, p: float = 0.5, training: bool = True, generator=None) ->
     return x * Tensor(mask.astype(x.dtype, copy=False))
 
 
+# ----- attention -----
+def attention_bias(attention_mask, dtype=np.float32, like: Tensor = None) -> Tensor:
+    """Additive bias (B, 1, 1, T) from a [B, T] keep-mask: 0 where 1, finfo(dtype).min where 0.
+
+    >>> attention_bias([[1, 0]]).shape
+    (1, 1, 1, 2)
+    """
+    mask = attention_mask.data if isinstance(attention_mask, Tensor) else attention_mask
+    xp = like.xp if like is not None else np
+    mask = xp.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"attention_mask must be [B, T] (1 = keep, 0 = pad), got shape {mask.shape}")
+    bias = (1 - mask.astype(dtype)) * np.finfo(dtype).min  # (B, T)
+    return Tensor(bias[:, None, None, :])  # (B, 1, 1, T)
+
+
+def scaled_masked_softmax(scores: Tensor, scale: float, bias: Tensor = None) -> Tensor:
+    """softmax(scores · scale + bias) over the last axis, as one node (fused, stable).
+
+    Only the probabilities p are kept for the backward:
+    d scores = scale · p ⊙ (g − Σ_j g_j p_j). ``bias`` is a constant (no gradient).
+    """
+    xp = scores.xp
+    z = scores.data * scores.dtype.type(scale)  # (B, H, T, T)
+    if bias is not None:
+        z += bias.data if isinstance(bias, Tensor) else bias
+    z -= z.max(axis=-1, keepdims=True)
+    xp.exp(z, out=z)
+    z /= z.sum(axis=-1, keepdims=True)
+    out = make_node(z, (scores,), "masked_softmax")
+    if out.requires_grad:
+        def backward_fn(g):
+            grad = g - (g * z).sum(axis=-1, keepdims=True)
+            grad *= z
+            grad *= scale
+            scores.accumulate_grad(grad)
+        out.backward_fn = backward_fn
+    return out
+
+
+def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor = None,
+                                 dropout_p: float = 0.0, training: bool = False, generator=None) -> Tensor:
+    """softmax(q kᵀ/√d + bias) v on (B, H, T, d) heads; ``bias`` broadcasts to (B, H, T, T)."""
+    scores = q @ k.transpose(-1, -2)  # (B, H, T, T)
+    probs = scaled_masked_softmax(scores, 1.0 / math.sqrt(q.shape[-1]), bias)  # (B, H, T, T); bias (B, 1, 1, T)
+    probs = dropout(probs, dropout_p, training, generator)
+    return probs @ v  # (B, H, T, d)
+
+
+# ----- pooling -----
+def cls_pool(hidden: Tensor, attention_mask=None) -> Tensor:
+    """The first token's state: (B, T, D) -> (B, D). ``attention_mask`` is ignored."""
+    return hidden[:, 0]
+
+
+def mean_pool(hidden: Tensor, attention_mask=None) -> Tensor:
+    """Mean over unpadded tokens (sentence-transformers): Σ_t m_t h_t / max(Σ_t m_t, 1e-9).
+
+    hidden: (B, T, D), attention_mask: (B, T) with 1 = keep -> (B, D).
+    """
+    if attention_mask is None:
+        return hidden.mean(axis=1)
+    mask = attention_mask.data if isinstance(attention_mask, Tensor) else attention_mask
+    mask = hidden.xp.asarray(mask).astype(hidden.dtype)  # (B, T)
+    counts = hidden.xp.maximum(mask.sum(axis=1, keepdims=True), 1e-9)  # (B, 1)
+    weights = Tensor(mask[:, :, None] / counts[:, :, None])  # (B, T, 1)
+    return (hidden * weights).sum(axis=1)  # (B, D)
+
+
+def l2_normalize(x: Tensor, eps: float = 1e-12) -> Tensor:
+    """x / max(‖x‖₂, eps) over the last axis (torch.nn.functional.normalize).
+
+    >>> from tinysft import tensor
+    >>> l2_normalize(tensor([[3.0, 4.0]]))
+    tensor(array([[0.6, 0.8]], dtype=float32))
+    """
+    norm = (x * x).sum(axis=-1, keepdims=True).sqrt()  # (..., 1)
+    return x / where(norm.data > eps, norm, eps)
+
+
 # ----- losses -----
 def cross_entropy(logits: Tensor, target, ignore_index: int = -100, label_smoothing: float = 0.0,
-                  reduction: str = "mean") -> Tensor:
+                  reduction: str = "mean", z_loss: float = 0.0) -> Tensor:
     """Softmax cross-entropy over logits [N, C] (or [..., C]) and class ids [N] (or [...]).
 
-    With p = softmax(x), ε = label_smoothing and y = (1−ε)·onehot + ε/C:
-      loss_i = −Σ_c y_ic log p_ic = (1−ε)(lse_i − x_i,t) + ε(lse_i − mean_c x_ic),
+    With p = softmax(x), ε = label_smoothing, y = (1−ε)·onehot + ε/C, lse_i = log Σ_c e^x_ic
+    and z = z_loss (PaLM's auxiliary term that keeps lse near 0):
+      loss_i = −Σ_c y_ic log p_ic + z·lse_i² = (1−ε)(lse_i − x_i,t) + ε(lse_i − mean_c x_ic) + z·lse_i²,
     rows whose target is ``ignore_index`` give 0 and are left out of the mean
-    (PyTorch semantics). Backward (fused): dlogits_i = (p_i − y_i) · g_i.
+    (PyTorch semantics). Backward (fused): dlogits_i = (p_i·(1 + 2z·lse_i) − y_i) · g_i.
     On CUDA the forward and backward come from one kernel launch.
     """
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"cross_entropy: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"cross_entropy: label_smoothing must be in [0, 1], got {label_smoothing}")
+    if not z_loss >= 0.0:
+        raise ValueError(f"cross_entropy: z_loss must be ≥ 0, got {z_loss}")
     xp = logits.xp
     target = target.data if isinstance(target, Tensor) else xp.asarray(target)
     if logits.ndim < 1 or target.shape != logits.shape[:-1]:
@@ -218,11 +319,12 @@ def cross_entropy(logits: Tensor, target, ignore_index: int = -100, label_smooth
     row_scale = (1.0 / count if count else 0.0) if reduction == "mean" else 1.0
 
     if logits.device == "cuda":
-        from .cuda.kernels import softmax_cross_entropy
+        from .cuda import softmax_cross_entropy
         loss_rows, _, dlogits = softmax_cross_entropy(rows, target, ignore_index=ignore_index,
-                                                      label_smoothing=label_smoothing, row_scale=row_scale)
+                                                      label_smoothing=label_smoothing, z_loss=z_loss,
+                                                      row_scale=row_scale)
     else:
-        loss_rows, dlogits = _cross_entropy_rows(rows, target, valid, label_smoothing, row_scale)
+        loss_rows, dlogits = _cross_entropy_rows(rows, target, valid, label_smoothing, z_loss, row_scale)
     # dlogits: (N, C), row_scale times the gradient of loss_rows.sum() with respect to the rows
 
     if reduction == "mean":
@@ -243,12 +345,13 @@ def cross_entropy(logits: Tensor, target, ignore_index: int = -100, label_smooth
     return out
 
 
-def _cross_entropy_rows(rows, target, valid, label_smoothing, row_scale):
+def _cross_entropy_rows(rows, target, valid, label_smoothing, z_loss, row_scale):
     """NumPy path: per-row losses (N,) and row_scale · d(Σ loss)/d rows (N, C).
 
     One (N, C) buffer and four passes over it: shifted = x − max; e^shifted in place; its row
-    sums (→ log-sum-exp); then e · row_scale/Σe in place, which also zeroes ignored rows. The
-    target (and smoothing) terms are subtracted after that; nothing else touches all N·C values.
+    sums (→ log-sum-exp); then e · row_scale·(1 + 2z·lse)/Σe in place, which also zeroes ignored
+    rows. The target (and smoothing) terms are subtracted after that; nothing else touches all
+    N·C values.
     """
     count, classes = rows.shape
     index = np.arange(count)
@@ -262,7 +365,12 @@ def _cross_entropy_rows(rows, target, valid, label_smoothing, row_scale):
     lse = np.log(sum_exp)  # (N,) log-sum-exp of the shifted row
     loss = (1.0 - label_smoothing) * (lse - picked) + label_smoothing * (lse - mean_logit)
     scale = np.where(valid, row_scale, 0.0)  # (N,) zero on ignored rows
-    grad *= (scale / sum_exp).astype(grad.dtype)[:, None]  # softmax · scale
+    softmax_scale = scale / sum_exp
+    if z_loss:
+        full_lse = lse + peak[:, 0]  # (N,) log-sum-exp of the row itself
+        loss = loss + z_loss * full_lse * full_lse
+        softmax_scale = softmax_scale * (1.0 + 2.0 * z_loss * full_lse)
+    grad *= softmax_scale.astype(grad.dtype)[:, None]  # softmax · scale (· (1 + 2z·lse))
     if label_smoothing:
         grad -= (scale * (label_smoothing / classes)).astype(grad.dtype)[:, None]
     grad[index, safe_target] -= (scale * (1.0 - label_smoothing)).astype(grad.dtype)
@@ -284,6 +392,264 @@ def mse_loss(input: Tensor, target, reduction: str = "mean") -> Tensor:
     raise ValueError(f"mse_loss: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
 
 
-__all__ = ["relu", "gelu", "sigmoid", "tanh", "cat", "concatenate", "stack", "where", "masked_fill",
-           "log_softmax", "softmax", "layer_norm", "embedding", "dropout", "cross_entropy", "mse_loss",
-           "TargetError"]
+__all__ = ["relu", "gelu", "sigmoid", "tanh", "linear", "cat", "concatenate", "stack", "where", "masked_fill",
+           "log_softmax", "softmax", "layer_norm", "embedding", "dropout", "attention_bias",
+           "scaled_masked_softmax", "scaled_dot_product_attention", "cls_pool", "mean_pool", "l2_normalize",
+           "cross_entropy", "mse_loss", "TargetError"]
+
+
+# ----- decoder ops -----
+# The blocks of a Llama-family decoder, each one graph node with its backward fused beside it.
+# Work buffers are fresh arrays edited in place; float32 inputs stay float32, float64 stay float64.
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-5) -> Tensor:
+    """RMSNorm over the last axis: x (..., D), w (D,) → (..., D).
+
+      r = 1/√(mean(x²) + ε);  x̂ = x·r;  y = x̂·w.
+    Backward (fused), with g the upstream gradient and dx̂ = g·w:
+      dx = r · (dx̂ − x̂ · mean(dx̂·x̂));  dw = Σ_rows g·x̂.
+    Only r (one number per row) is kept; x̂ is recomputed from x in the backward.
+
+    >>> from tinysft import tensor
+    >>> rms_norm(tensor([[3.0, 4.0]]), tensor([1.0, 2.0]), eps=0.0).numpy().round(4)
+    array([[0.8485, 2.2627]], dtype=float32)
+    """
+    weight = lift(weight, x)
+    width = x.shape[-1] if x.ndim else None
+    if weight.shape != (width,):
+        raise ShapeError(f"rms_norm: weight of shape {weight.shape} for input of shape {x.shape}")
+    xp = x.xp
+    rstd = (x.data * x.data).mean(axis=-1, keepdims=True)  # (..., 1)
+    rstd += eps
+    xp.sqrt(rstd, out=rstd)
+    xp.divide(1, rstd, out=rstd)
+    value = x.data * rstd  # (..., D) x̂, scaled by w in place
+    value *= weight.data
+    out = make_node(value, (x, weight), "rms_norm")
+    if out.requires_grad:
+        def backward_fn(g):
+            normed = x.data * rstd  # x̂ (..., D)
+            if weight.requires_grad:
+                weight.accumulate_grad((g * normed).reshape(-1, width).sum(axis=0), owned=True)
+            if x.requires_grad:
+                dx = g * weight.data  # dx̂, becomes dx in place
+                normed *= (dx * normed).mean(axis=-1, keepdims=True)
+                dx -= normed
+                dx *= rstd
+                x.accumulate_grad(dx, owned=True)
+        out.backward_fn = backward_fn
+    return out
+
+
+def rope_cache(positions, dim: int, base: float):
+    """The cos and sin tables of rotary embeddings for integer ``positions`` (B, T) or (T,).
+
+    θ_i = base^(−2i/dim) for i < dim/2, angle = position · θ_i (computed in float64);
+    returns (cos, sin), float32 arrays of shape (B or 1, 1, T, dim/2), on the positions' device.
+    """
+    positions = positions if isinstance(positions, Tensor) else Tensor(positions)
+    xp = positions.xp
+    positions = xp.asarray(positions.data)
+    if positions.dtype.kind not in "iu" or positions.ndim not in (1, 2):
+        raise ShapeError(f"rope_cache: positions must be integers of shape (B, T) or (T,), "
+                         f"got {positions.dtype} of shape {positions.shape}")
+    if dim <= 0 or dim % 2:
+        raise ShapeError(f"rope_cache: dim must be a positive even number, got {dim}")
+    inverse_frequency = float(base) ** (-xp.arange(0, dim, 2, dtype=xp.float64) / dim)  # (dim/2,)
+    angles = positions.reshape(-1, 1, positions.shape[-1], 1) * inverse_frequency  # (B or 1, 1, T, dim/2)
+    return xp.cos(angles).astype(xp.float32), xp.sin(angles).astype(xp.float32)
+
+
+def _rotate_halves(a, cos, sin, xp):
+    """[a1·c − a2·s, a2·c + a1·s] on the halves a1, a2 of the last axis of ``a``, as a fresh array.
+
+    With −s in place of s it is the inverse rotation (the transpose of each 2×2 block).
+    """
+    half = a.shape[-1] // 2
+    a1, a2 = a[..., :half], a[..., half:]
+    out = xp.empty_like(a)
+    o1, o2 = out[..., :half], out[..., half:]
+    xp.multiply(a1, cos, out=o1)
+    o1 -= a2 * sin
+    xp.multiply(a2, cos, out=o2)
+    o2 += a1 * sin
+    return out
+
+
+def rope(x: Tensor, cos, sin) -> Tensor:
+    """Rotary position embedding of x (B, H, T, D) in Hugging Face's "rotate_half" layout.
+
+    With halves x1 = x[..., :D/2], x2 = x[..., D/2:] and c, s from ``rope_cache``
+    (shape (B or 1, 1, T, D/2)), each pair (x1_i, x2_i) is rotated by its angle:
+      y1 = x1·c − x2·s;  y2 = x2·c + x1·s.
+    Backward: the inverse rotation of g (a rotation's transpose is its inverse):
+      dx1 = g1·c + g2·s;  dx2 = g2·c − g1·s.
+    ``cos`` and ``sin`` are constants (arrays or Tensors); they are cast to x's dtype.
+    """
+    xp = x.xp
+    cos, sin = (lift(t, x).data.astype(x.dtype, copy=False) for t in (cos, sin))
+    if x.ndim != 4 or x.shape[-1] % 2 or cos.shape != sin.shape or cos.ndim != 4:
+        raise ShapeError(f"rope: x must be (B, H, T, D) with D even and cos, sin alike of shape "
+                         f"(B or 1, 1, T, D/2); got x {x.shape}, cos {cos.shape}, sin {sin.shape}")
+    half_shape = x.shape[:-1] + (x.shape[-1] // 2,)
+    try:
+        fits = np.broadcast_shapes(cos.shape, half_shape) == half_shape
+    except ValueError:
+        fits = False
+    if not fits:
+        raise ShapeError(f"rope: tables of shape {cos.shape} do not fit x of shape {x.shape} "
+                         f"(expected (B or 1, 1, T, D/2) = (…, {x.shape[2]}, {x.shape[3] // 2}))")
+    out = make_node(_rotate_halves(x.data, cos, sin, xp), (x,), "rope")
+    if out.requires_grad:
+        out.backward_fn = lambda g: x.accumulate_grad(_rotate_halves(g, cos, -sin, xp), owned=True)
+    return out
+
+
+def swiglu(gate: Tensor, up: Tensor) -> Tensor:
+    """SwiGLU's gating: y = silu(a) · u, silu(a) = a·σ(a), for gate a and up u of one shape (..., F).
+
+    σ(a) = ½(1 + tanh(a/2)): one tanh, no overflow for any a. Backward (fused):
+      da = g · u · σ(a)·(1 + a·(1 − σ(a)));  du = g · a·σ(a).
+    σ(a) is kept for the backward.
+    """
+    up = lift(up, gate)
+    if gate.shape != up.shape:
+        raise ShapeError(f"swiglu: gate of shape {gate.shape} and up of shape {up.shape} differ")
+    xp = gate.xp
+    a = gate.data
+    sigma = a * a.dtype.type(0.5)  # (..., F): a/2, then σ(a) in place
+    xp.tanh(sigma, out=sigma)
+    sigma += 1
+    sigma *= 0.5
+    value = a * sigma  # silu(a), then times u in place
+    value *= up.data
+    out = make_node(value, (gate, up), "swiglu")
+    if out.requires_grad:
+        def backward_fn(g):
+            if up.requires_grad:
+                du = a * sigma
+                du *= g
+                up.accumulate_grad(du, owned=True)
+            if gate.requires_grad:
+                da = 1 - sigma  # then σ(1 + a(1 − σ)) · u · g in place
+                da *= a
+                da += 1
+                da *= sigma
+                da *= up.data
+                da *= g
+                gate.accumulate_grad(da, owned=True)
+        out.backward_fn = backward_fn
+    return out
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, mask=None) -> Tensor:
+    """Scaled dot-product attention with grouped-query heads and a boolean mask.
+
+    q (B, Hq, T, Dh); k (B, Hkv, S, Dh); v (B, Hkv, S, Dv); Hq = G·Hkv, query head h
+    reads kv head h // G. ``mask`` broadcasts to (B, 1, T, S), True = may attend (None: all).
+      s = q kᵀ/√Dh, −∞ where masked;  p = softmax_S(s);  y = p v   → (B, Hq, T, Dv).
+    A row with no allowed key gets p = 0 and y = 0 (no NaN).
+
+    The G query heads of a kv head are one (G·T)-row block: q is viewed as
+    (B, Hkv, G·T, Dh), so every product is one batched matmul and K, V are never repeated.
+    Backward (fused softmax), with ĝ = g viewed the same way and D_i = Σ_d ĝ_id y_id
+    (= Σ_j p_ij (ĝ v_j)_i, cheaper over Dv than over S):
+      dv = pᵀ ĝ;   ds = p ⊙ (ĝ vᵀ − D);   dq = ds k/√Dh;   dk = dsᵀ q/√Dh,
+    where the products over the block's G·T rows sum dk and dv over each group.
+    Only p (B, Hkv, G·T, S) and y are kept.
+    """
+    k, v = lift(k, q), lift(v, q)
+    xp = q.xp
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4 or q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1] \
+            or k.shape[:3] != v.shape[:3] or k.shape[1] == 0 or q.shape[1] % k.shape[1]:
+        raise ShapeError(f"attention: need q (B, Hq, T, Dh), k (B, Hkv, S, Dh), v (B, Hkv, S, Dv) with "
+                         f"Hq a multiple of Hkv; got q {q.shape}, k {k.shape}, v {v.shape}")
+    batch, q_heads, length, head_dim = q.shape
+    kv_heads, keys = k.shape[1], k.shape[2]
+    groups = q_heads // kv_heads
+    blocks = (batch, kv_heads, groups * length)  # the (B, Hkv, G·T) rows of the grouped view
+    scale = 1.0 / float(np.sqrt(head_dim))
+
+    scores = (q.data.reshape(*blocks, head_dim) * scale) @ k.data.swapaxes(-1, -2)  # (B, Hkv, G·T, S)
+    if mask is not None:
+        mask = xp.asarray(mask.data if isinstance(mask, Tensor) else mask)
+        if mask.dtype != bool:
+            raise TypeError(f"attention: mask must be boolean (True = may attend), got dtype {mask.dtype}")
+        full = (batch, 1, length, keys)
+        try:
+            fits = mask.ndim <= 4 and np.broadcast_shapes(mask.shape, full) == full
+        except ValueError:
+            fits = False
+        if not fits:
+            raise ShapeError(f"attention: mask of shape {mask.shape} does not broadcast to (B, 1, T, S) = {full}")
+        mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)  # (B or 1, 1, T or 1, S or 1)
+        # 0 where allowed, −∞ where not, added over the (B, Hkv, G, T, S) view of the scores
+        barrier = xp.where(mask, scores.dtype.type(0), scores.dtype.type(-np.inf))[:, :, None]
+        grouped = scores.reshape(batch, kv_heads, groups, length, keys)  # a view
+        grouped += barrier
+    peak = scores.max(axis=-1, keepdims=True)  # (B, Hkv, G·T, 1); −∞ on a row with no allowed key
+    xp.maximum(peak, np.finfo(scores.dtype).min, out=peak)  # …made finite, so that row's e^(s − peak) = 0
+    scores -= peak
+    probs = xp.exp(scores, out=scores)
+    total = probs.sum(axis=-1, keepdims=True)
+    xp.maximum(total, 1, out=total)  # ≥ 1 already (the peak term is e^0) unless the row is empty: then 0 → 1
+    probs /= total
+    value = probs @ v.data  # (B, Hkv, G·T, Dv)
+    out = make_node(value.reshape(batch, q_heads, length, v.shape[-1]), (q, k, v), "attention")
+    if out.requires_grad:
+        def backward_fn(g):
+            g = g.reshape(*blocks, v.shape[-1])  # ĝ (B, Hkv, G·T, Dv)
+            if v.requires_grad:
+                v.accumulate_grad(probs.swapaxes(-1, -2) @ g, owned=True)
+            if not (q.requires_grad or k.requires_grad):
+                return
+            dscores = g @ v.data.swapaxes(-1, -2)  # (B, Hkv, G·T, S) ĝ vᵀ, then ds in place
+            dscores -= (g * value).sum(axis=-1, keepdims=True)
+            dscores *= probs
+            dscores *= scale
+            if q.requires_grad:
+                q.accumulate_grad((dscores @ k.data).reshape(q.shape), owned=True)
+            if k.requires_grad:
+                k.accumulate_grad(dscores.swapaxes(-1, -2) @ q.data.reshape(*blocks, head_dim), owned=True)
+        out.backward_fn = backward_fn
+    return out
+
+
+def causal_mask(length: int, keys: int = None, key_padding=None, segment_ids=None):
+    """Boolean (B or 1, 1, T, S) mask for ``attention``: True = query i may attend to key j.
+
+    Query i sits at absolute position S − T + i (the last T of S positions, as with a KV
+    cache) and sees keys j ≤ S − T + i. ``key_padding`` (B, S), True = a real token, hides
+    padded keys; ``segment_ids`` (B, T) of packed examples (S = T) keeps each query within
+    its own segment. The mask lives on the device of ``key_padding`` / ``segment_ids``
+    (NumPy when neither is given; ``attention`` moves it to the queries' device).
+
+    >>> causal_mask(2, 3)[0, 0]
+    array([[ True,  True, False],
+           [ True,  True,  True]])
+    """
+    keys = length if keys is None else keys
+    if length < 1 or keys < length:
+        raise ShapeError(f"causal_mask: need 1 ≤ T ≤ S, got T={length}, S={keys}")
+    padding, segments = (None if t is None else t if isinstance(t, Tensor) else Tensor(t)
+                         for t in (key_padding, segment_ids))
+    source = padding if padding is not None else segments
+    xp = source.xp if source is not None else np
+    if padding is not None and (padding.ndim != 2 or padding.shape[1] != keys):
+        raise ShapeError(f"causal_mask: key_padding must be (B, S) = (B, {keys}), got {padding.shape}")
+    if segments is not None and (keys != length or segments.ndim != 2 or segments.shape[1] != length):
+        raise ShapeError(f"causal_mask: segment_ids must be (B, T) = (B, {length}) with S = T, "
+                         f"got {segments.shape} with S={keys}")
+    if padding is not None and segments is not None and padding.shape[0] != segments.shape[0]:
+        raise ShapeError(f"causal_mask: key_padding {padding.shape} and segment_ids {segments.shape} disagree on B")
+    query_position = xp.arange(keys - length, keys)[:, None]  # (T, 1) absolute positions
+    allowed = (xp.arange(keys)[None, :] <= query_position)[None, None]  # (1, 1, T, S)
+    if padding is not None:
+        allowed = allowed & padding.data.astype(bool)[:, None, None, :]  # (B, 1, T, S)
+    if segments is not None:
+        ids = segments.data
+        allowed = allowed & (ids[:, None, :, None] == ids[:, None, None, :])  # (B, 1, T, T)
+    return allowed
+
+
+__all__ += ["rms_norm", "rope_cache", "rope", "swiglu", "attention", "causal_mask"]

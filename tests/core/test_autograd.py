@@ -100,13 +100,12 @@ def test_gradients_accumulate_across_backward_calls(device):
 def test_a_graph_is_freed_without_the_cycle_collector():
     """Backward closures never refer to their own output: dropping the loss frees every node at once."""
     from tinysft import functional as F
-    from tinysft.nn.attention import scaled_masked_softmax
     rng = np.random.default_rng(0)
     x, w, b = leaf(rng.standard_normal((2, 3, 4))), leaf(rng.standard_normal((4, 4))), leaf(np.zeros(4))
     gc.disable()
     try:
         h = F.layer_norm(F.linear(x, w, b), w[0], b).gelu()  # (2, 3, 4)
-        probs = scaled_masked_softmax(h @ h.transpose(-1, -2), 0.5)  # (2, 3, 3)
+        probs = F.scaled_masked_softmax(h @ h.transpose(-1, -2), 0.5)  # (2, 3, 3)
         mixed = F.dropout(F.cat([probs @ h, h], axis=-1), 0.5, generator=np.random.default_rng(0))
         loss = F.cross_entropy(mixed.mean(axis=1), np.array([0, 1])) + mixed.max() + (h * h).sum().sqrt()
         loss.backward()

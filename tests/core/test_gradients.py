@@ -9,6 +9,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+import tinysft
 from tinysft import functional as F
 from tinysft import gradcheck
 
@@ -267,6 +268,28 @@ def test_embedding_repeats_scatter_add(data, vocab, dim, ids_shape):
     assert gradcheck(lambda w: F.embedding(w, ids), [weight])
 
 
+@given(data=st.data(), vocab=st.integers(1, 4), dim=st.integers(1, 3),
+       ids_shape=hnp.array_shapes(min_dims=0, max_dims=2, max_side=4))
+def test_embedding_padding_row_gets_no_gradient(data, vocab, dim, ids_shape):
+    """The fused padding-aware lookup: the gradient of every other row is the finite-difference one
+    (gradcheck with the pad row held constant), and the pad row's is exactly 0 (against the same lookup
+    built from primitives, with where() cutting the pad row from the graph)."""
+    ids = data.draw(hnp.arrays(np.int64, ids_shape, elements=st.integers(0, vocab - 1)))
+    pad = data.draw(st.integers(0, vocab - 1))
+    weight = data.draw(arrays((vocab, dim)))
+    kept = np.arange(vocab) != pad  # (V,)
+
+    def with_pad_row_constant(w, lookup=F.embedding):
+        return lookup(F.where(kept[:, None], w, weight), ids)
+
+    assert gradcheck(lambda w: with_pad_row_constant(w, lambda t, i: F.embedding(t, i, padding_idx=pad)), [weight])
+    w = tinysft.tensor(weight, requires_grad=True)
+    F.embedding(w, ids, padding_idx=pad).sum().backward()
+    reference = tinysft.tensor(weight, requires_grad=True)
+    with_pad_row_constant(reference).sum().backward()
+    np.testing.assert_array_equal(w.grad, reference.grad)
+
+
 @given(data=st.data(), shape=shapes, p=st.sampled_from([0.0, 0.2, 0.5, 0.9, 1.0]), seed=st.integers(0, 2**16))
 def test_dropout_fixed_generator(data, shape, p, seed):
     x = data.draw(arrays(shape))
@@ -295,6 +318,28 @@ def test_cross_entropy(reduction, case, smoothing):
         assume((target != ignore).any())  # an all-ignored mean is NaN (tested in test_values)
     assert gradcheck(lambda x: F.cross_entropy(x, target, ignore_index=ignore, label_smoothing=smoothing,
                                                reduction=reduction), [logits])
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@given(case=classification(), z_loss=st.sampled_from([1e-3, 0.1, 1.0]))
+def test_cross_entropy_z_loss(reduction, case, z_loss):
+    logits, target, ignore = case
+    if reduction == "mean":
+        assume((target != ignore).any())
+    assert gradcheck(lambda x: F.cross_entropy(x, target, ignore_index=ignore, reduction=reduction,
+                                               z_loss=z_loss), [logits])
+    # the value: the plain loss plus z·lse² on each kept row (lse by NumPy's logaddexp)
+    lse = np.logaddexp.reduce(logits, axis=-1)  # (...)
+    kept = target != ignore
+    plain = F.cross_entropy(tinysft.tensor(logits), target, ignore_index=ignore, reduction="none").numpy()
+    with_z = F.cross_entropy(tinysft.tensor(logits), target, ignore_index=ignore, reduction="none",
+                             z_loss=z_loss).numpy()
+    np.testing.assert_allclose(with_z, plain + np.where(kept, z_loss * lse ** 2, 0.0), rtol=1e-12, atol=1e-12)
+
+
+def test_cross_entropy_rejects_a_negative_z_loss():
+    with pytest.raises(ValueError, match="z_loss"):
+        F.cross_entropy(tinysft.tensor([[1.0, 2.0]]), [0], z_loss=-1.0)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])

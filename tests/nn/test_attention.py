@@ -70,16 +70,8 @@ def test_names_follow_hf_bert():
         "output.dense.weight", "output.dense.bias", "output.LayerNorm.weight", "output.LayerNorm.bias"]
 
 
-def test_attention_bias_values():
-    bias = nn.attention_bias(np.array([[1, 0]]), np.float32)
-    assert bias.shape == (1, 1, 1, 2)
-    assert bias.numpy()[0, 0, 0, 0] == 0 and bias.numpy()[0, 0, 0, 1] == np.finfo(np.float32).min
-    with pytest.raises(ValueError, match=r"\[B, T\]"):
-        nn.attention_bias(np.ones(3))
-
-
 def test_self_attention_matches_numpy_with_mask():
-    attn = randomize(nn.SelfAttention(12, 3))
+    attn = randomize(nn.MultiHeadAttention(12, 3))
     attn.eval()
     x = np.random.default_rng(1).standard_normal((3, 5, 12)).astype(np.float32)
     out = attn(tinysft.tensor(x), MASK)
@@ -98,7 +90,7 @@ def test_encoder_layer_matches_numpy(norm_first):
 
 
 def test_fully_padded_row_stays_finite():
-    attn = randomize(nn.SelfAttention(4, 2)).eval()
+    attn = randomize(nn.MultiHeadAttention(4, 2)).eval()
     out = attn(tinysft.randn(1, 3, 4), np.zeros((1, 3), dtype=np.int64))
     assert np.isfinite(out.numpy()).all()
 
@@ -138,7 +130,7 @@ def _gradcheck_module(module, x, mask):
 
 
 def test_gradcheck_tiny_attention():
-    attn = nn.MultiHeadSelfAttention(4, 2).eval()
+    attn = nn.AttentionSublayer(4, 2).eval()
     x = np.random.default_rng(0).standard_normal((2, 3, 4))
     assert _gradcheck_module(attn, x, np.array([[1, 1, 0], [1, 1, 1]]))
 
@@ -151,7 +143,7 @@ def test_gradcheck_tiny_encoder_layer(norm_first):
 
 
 def test_attention_dropout_active_only_in_training():
-    attn = randomize(nn.SelfAttention(8, 2, dropout=0.5))
+    attn = randomize(nn.MultiHeadAttention(8, 2, dropout=0.5))
     x = tinysft.randn(2, 4, 8)
     tinysft.manual_seed(0)
     assert not np.allclose(attn(x).numpy(), attn(x).numpy())
@@ -161,20 +153,4 @@ def test_attention_dropout_active_only_in_training():
 
 def test_bad_head_count():
     with pytest.raises(ValueError, match="multiple"):
-        nn.SelfAttention(10, 3)
-
-
-@given(batch=st.integers(1, 2), heads=st.integers(1, 3), length=st.integers(1, 5),
-       scale=st.floats(0.1, 2.0), seed=st.integers(0, 2 ** 16))
-def test_fused_masked_softmax_matches_composition_and_gradchecks(batch, heads, length, scale, seed):
-    """Random (B, H, T, T) scores incl. size-1 axes and T = 1; each row keeps at least its first key."""
-    rng = np.random.default_rng(seed)
-    scores = rng.standard_normal((batch, heads, length, length))
-    mask = (rng.random((batch, length)) < 0.7).astype(np.int64)
-    mask[:, 0] = 1
-    bias = nn.attention_bias(mask, np.float64)
-    fused = nn.scaled_masked_softmax(tinysft.tensor(scores), scale, bias).numpy()
-    composed = tinysft.functional.softmax(tinysft.tensor(scores) * scale + bias).numpy()
-    np.testing.assert_allclose(fused, composed, atol=1e-12)
-    assert (fused[np.broadcast_to(mask[:, None, None, :] == 0, fused.shape)] == 0).all()
-    assert tinysft.gradcheck(lambda s: nn.scaled_masked_softmax(s, scale, bias), [scores])
+        nn.MultiHeadAttention(10, 3)

@@ -23,24 +23,6 @@ def test_pre_ln_stack_has_final_norm():
     np.testing.assert_allclose(out.mean(-1), 0, atol=1e-5)  # LayerNorm last (weight 1, bias 0)
 
 
-def test_mean_pool_ignores_padding_and_cls_pool():
-    h = np.random.default_rng(0).standard_normal((2, 4, 3)).astype(np.float32)
-    mask = np.array([[1, 1, 0, 0], [1, 1, 1, 1]])
-    pooled = nn.mean_pool(tinysft.tensor(h), mask).numpy()
-    np.testing.assert_allclose(pooled[0], h[0, :2].mean(0), rtol=1e-6)
-    np.testing.assert_allclose(pooled[1], h[1].mean(0), rtol=1e-6)
-    np.testing.assert_allclose(nn.mean_pool(tinysft.tensor(h)).numpy(), h.mean(1), rtol=1e-6)
-    np.testing.assert_array_equal(nn.cls_pool(tinysft.tensor(h)).numpy(), h[:, 0])
-    assert np.isfinite(nn.mean_pool(tinysft.tensor(h), np.zeros((2, 4))).numpy()).all()
-    assert tinysft.gradcheck(lambda t: nn.mean_pool(t, mask), [h.astype(np.float64)])
-
-
-def test_l2_normalize():
-    x = np.array([[3.0, 4.0], [0.0, 0.0]])
-    np.testing.assert_allclose(nn.l2_normalize(tinysft.tensor(x)).numpy(), [[0.6, 0.8], [0.0, 0.0]])
-    assert tinysft.gradcheck(nn.l2_normalize, [np.random.default_rng(0).standard_normal((3, 4))])
-
-
 @pytest.mark.parametrize("pooler", [False, True])
 def test_classification_head(pooler):
     head = nn.ClassificationHead(6, 3, dropout=0.2, pooler=pooler)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import functional as F
 from .. import nn
 from ..nn.module import StateDictError
 from ..tensor import Tensor, no_grad
@@ -146,8 +147,8 @@ class BertModel(nn.Module):
         """Mean-pooled (over the mask) and, by default, L2-normalised sentence embeddings (B, D),
         as sentence-transformers' all-MiniLM-L6-v2. Differentiable."""
         hidden = self(input_ids, attention_mask, token_type_ids)  # (B, T, D)
-        pooled = nn.mean_pool(hidden, attention_mask)  # (B, D)
-        return nn.l2_normalize(pooled) if normalize else pooled
+        pooled = F.mean_pool(hidden, attention_mask)  # (B, D)
+        return F.l2_normalize(pooled) if normalize else pooled
 
     def encode(self, texts, tokenizer, batch_size: int = 32, max_length: int = 128,
                normalize: bool = True) -> np.ndarray:

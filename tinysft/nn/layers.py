@@ -10,9 +10,8 @@ import math
 import numpy as np
 
 from .. import functional as F
-from ..backend import scatter_add
 from ..rng import generator as default_generator
-from ..tensor import Tensor, make_node, no_grad
+from ..tensor import Tensor
 from .module import Module, Parameter, Sequential
 
 
@@ -44,22 +43,6 @@ class Linear(Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-def _embedding_skip_row(weight: Tensor, ids, padding_idx: int) -> Tensor:
-    """F.embedding whose backward leaves row ``padding_idx`` without gradient (PyTorch's padding_idx)."""
-    with no_grad():
-        value = F.embedding(weight, ids).data  # validates ids (dtype, range)
-    ids = ids.data if isinstance(ids, Tensor) else weight.xp.asarray(ids)
-    out = make_node(value, (weight,), "embedding")
-    if out.requires_grad:
-        def backward_fn(grad):
-            full = weight.xp.zeros(weight.shape, dtype=weight.dtype)  # (V, D)
-            scatter_add(full, ids, grad)
-            full[padding_idx] = 0
-            weight.accumulate_grad(full, owned=True)
-        out.backward_fn = backward_fn
-    return out
-
-
 class Embedding(Module):
     """A lookup table [num_embeddings, embedding_dim], initialised N(0, 1) as PyTorch.
 
@@ -82,9 +65,7 @@ class Embedding(Module):
 
     def forward(self, ids) -> Tensor:
         # ids: (...) integers -> (..., D)
-        if self.padding_idx is None:
-            return F.embedding(self.weight, ids)
-        return _embedding_skip_row(self.weight, ids, self.padding_idx)
+        return F.embedding(self.weight, ids, self.padding_idx)
 
     def extra_repr(self):
         pad = f", padding_idx={self.padding_idx}" if self.padding_idx is not None else ""

@@ -8,7 +8,7 @@ LN₂ ``output.LayerNorm``.
 """
 from .. import functional as F
 from ..tensor import Tensor
-from .attention import MultiHeadSelfAttention, attention_bias
+from .attention import AttentionSublayer
 from .layers import Dropout, LayerNorm, Linear, SublayerOutput, Tanh, activation
 from .module import Module, ModuleList
 
@@ -34,8 +34,8 @@ class TransformerEncoderLayer(Module):
                  norm_first: bool = False, generator=None):
         super().__init__()
         self.norm_first = norm_first
-        self.attention = MultiHeadSelfAttention(hidden_size, num_heads, attention_dropout, dropout, eps,
-                                                norm_first, generator=generator)
+        self.attention = AttentionSublayer(hidden_size, num_heads, attention_dropout, dropout, eps,
+                                           norm_first, generator=generator)
         self.intermediate = Intermediate(hidden_size, intermediate_size, activation_fn, generator)
         self.output = SublayerOutput(intermediate_size, hidden_size, dropout, eps, norm_first, generator)
 
@@ -63,7 +63,7 @@ class TransformerEncoder(Module):
     def forward(self, x: Tensor, attention_mask=None, output_hidden_states: bool = False):
         # x: (B, T, D), attention_mask: (B, T) -> (B, T, D); with output_hidden_states also the
         # list [input, after layer 0, ..., after the last layer] of (B, T, D)
-        bias = attention_bias(attention_mask, x.dtype, like=x) if attention_mask is not None else None
+        bias = F.attention_bias(attention_mask, x.dtype, like=x) if attention_mask is not None else None
         states = [x]
         for layer in self.layer:
             x = layer(x, bias=bias)
@@ -74,33 +74,7 @@ class TransformerEncoder(Module):
         return (x, states) if output_hidden_states else x
 
 
-# ----- pooling -----
-def cls_pool(hidden: Tensor, attention_mask=None) -> Tensor:
-    """The first token's state: (B, T, D) -> (B, D). ``attention_mask`` is ignored."""
-    return hidden[:, 0]
-
-
-def mean_pool(hidden: Tensor, attention_mask=None) -> Tensor:
-    """Mean over unpadded tokens (sentence-transformers): Σ_t m_t h_t / max(Σ_t m_t, 1e-9).
-
-    hidden: (B, T, D), attention_mask: (B, T) with 1 = keep -> (B, D).
-    """
-    if attention_mask is None:
-        return hidden.mean(axis=1)
-    mask = attention_mask.data if isinstance(attention_mask, Tensor) else attention_mask
-    mask = hidden.xp.asarray(mask).astype(hidden.dtype)  # (B, T)
-    counts = hidden.xp.maximum(mask.sum(axis=1, keepdims=True), 1e-9)  # (B, 1)
-    weights = Tensor(mask[:, :, None] / counts[:, :, None])  # (B, T, 1)
-    return (hidden * weights).sum(axis=1)  # (B, D)
-
-
-POOLINGS = {"cls": cls_pool, "mean": mean_pool}
-
-
-def l2_normalize(x: Tensor, eps: float = 1e-12) -> Tensor:
-    """x / max(‖x‖₂, eps) over the last axis (torch.nn.functional.normalize)."""
-    norm = (x * x).sum(axis=-1, keepdims=True).sqrt()  # (..., 1)
-    return x / F.where(norm.data > eps, norm, eps)
+POOLINGS = {"cls": F.cls_pool, "mean": F.mean_pool}
 
 
 class Pooler(Module):
@@ -151,7 +125,4 @@ __all__ = [
     "Pooler",
     "TransformerEncoder",
     "TransformerEncoderLayer",
-    "cls_pool",
-    "l2_normalize",
-    "mean_pool",
 ]
