@@ -57,20 +57,20 @@ class Cursor:
 
 
 def checked_size(dims: Iterable[int], limit: int, error: Callable[[str], Exception], what: str) -> int:
-    """Product of non-negative `dims`, raising `error` once a partial product exceeds `limit`.
+    """Number of elements of a shape of non-negative `dims`; raise `error` when the product of its
+    non-zero dims exceeds `limit`.
 
-    Stops at the first overflow, so a shape like [2**62, 2**62, ...] costs O(ndim) with small
-    integers; a zero anywhere makes the product 0 however large the other dims are.
+    Zero dims count too: NumPy refuses a shape like (0, 2**62, 4) of float32, whose non-zero dims
+    overflow its byte count, so such a shape is rejected although it holds no element. Stops at the
+    first overflow, so a shape like [2**62, 2**62, ...] costs O(ndim) with small integers.
     """
     dims = list(dims)
-    if 0 in dims:
-        return 0
     n = 1
     for d in dims:
-        n *= d
+        n *= d or 1
         if n > limit:
-            raise error(f"{what}: shape {dims} has more than {limit} elements")
-    return n
+            raise error(f"{what}: shape {dims} is too large ({limit} elements at most)")
+    return 0 if 0 in dims else n
 
 
 def check_disjoint(regions: Iterable[tuple[int, int, str]], error: Callable[[str], Exception]) -> list:

@@ -214,9 +214,10 @@ class GGUFFile:
         for name, dims, type_id, rel in entries:
             tname, block, block_bytes = _GGML_BY_ID[type_id]
             where = f"tensor {name!r}"
-            n = checked_size(dims, INT64_MAX, self._error, where)
-            if (dims[0] if dims else 1) % block:
-                raise self._error(f"{where}: innermost dim {dims[0]} is not a multiple of the {tname} "
+            n = checked_size(dims, INT64_MAX // 4, self._error, where)  # its float32 array must fit NumPy
+            inner = dims[0] if dims else 1
+            if inner % block:
+                raise self._error(f"{where}: innermost dim {inner} is not a multiple of the {tname} "
                                   f"block size {block}")
             nbytes = n // block * block_bytes
             if rel % self.alignment:
