@@ -300,6 +300,92 @@ def kd_teacher_not_detached(student, teacher, labels=None, temperature=2.0, alph
     return loss
 
 
+# ----- decoder
+def decoder_functional(**overrides):
+    return SimpleNamespace(**{**{k: getattr(F, k) for k in ("rms_norm", "rope_cache", "rope", "swiglu",
+                                                            "attention", "causal_mask")}, **overrides})
+
+
+def rms_norm_eps_outside_root(x, weight, eps=1e-5):
+    """x/(√mean(x²) + ε)·w."""
+    return x / ((x * x).mean(axis=-1, keepdims=True).sqrt() + eps) * weight
+
+
+def rms_norm_centred(x, weight, eps=1e-5):
+    """LayerNorm without a bias: subtracts the mean first."""
+    return F.layer_norm(x, weight, None, eps)
+
+
+def rms_norm_backward_constant_scale(x, weight, eps=1e-5):
+    """Right values; backward treats r = 1/√(mean(x²) + ε) as a constant (drops −x̂·mean(dx̂·x̂))."""
+    rstd = Tensor(1 / np.sqrt((x.data * x.data).mean(axis=-1, keepdims=True) + eps))
+    return value_of(F.rms_norm(x, weight, eps), x * rstd * weight)
+
+
+def rope_interleaved(x, cos, sin):
+    """Rotates the adjacent pairs (x_2i, x_2i+1) (the GPT-J layout), not (x_i, x_{i+D/2})."""
+    order = np.concatenate([np.arange(0, x.shape[-1], 2), np.arange(1, x.shape[-1], 2)])
+    return F.rope(x[..., order], cos, sin)[..., np.argsort(order)]
+
+
+def rope_cache_half_frequencies(positions, dim, base):
+    """θ_i = base^(−i/D) = (√base)^(−2i/D) instead of base^(−2i/D)."""
+    return F.rope_cache(positions, dim, math.sqrt(base))
+
+
+def rope_backwards_angle(x, cos, sin):
+    """Rotates by −pθ: still a rotation with relative positions, the wrong one."""
+    return F.rope(x, cos, -np.asarray(sin))
+
+
+def rope_backward_forward_rotation(x, cos, sin):
+    """Right values; the gradient is rotated forwards (Rg) instead of back (Rᵀg)."""
+    return value_of(F.rope(x, cos, sin), F.rope(x, cos, -np.asarray(sin)))
+
+
+def rope_absolute_sinusoid(x, cos, sin):
+    """Adds sin(pθ) to x (an absolute sinusoidal embedding) instead of rotating: lengths and relative positions lost."""
+    return x + Tensor(np.concatenate([sin, cos], axis=-1).astype(x.dtype))
+
+
+def swiglu_sigmoid_gate(gate, up):
+    """σ(a)·u (GLU) instead of a·σ(a)·u."""
+    return gate.sigmoid() * up
+
+
+def swiglu_grad_missing_product_rule(gate, up):
+    """Right values; ∂/∂a = u·σ(a) (forgets a·σ(1 − σ))."""
+    return value_of(F.swiglu(gate, up), gate * Tensor(gate.sigmoid().data) * up)
+
+
+def causal_mask_sees_next(length, keys=None, key_padding=None, segment_ids=None):
+    """Off by one: query i also sees key S − T + i + 1."""
+    keys = length if keys is None else keys
+    mask = F.causal_mask(length, keys + 1)[..., :keys]
+    return mask if key_padding is None else mask & np.asarray(key_padding, bool)[:, None, None, :]
+
+
+def attention_mask_ignored(q, k, v, mask=None):
+    return F.attention(q, k, v)
+
+
+def attention_kv_heads_tiled(q, k, v, mask=None):
+    """Query head h reads kv head h mod Hkv (tiled) instead of h // G (each kv head repeated G times)."""
+    tile = np.tile(np.arange(k.shape[1]), q.shape[1] // k.shape[1])
+    return F.attention(q, k[:, tile], v[:, tile], mask)
+
+
+def attention_softmax_denominator_constant(q, k, v, mask=None):
+    """Right values; the backward treats the softmax denominator Σ_j e^(s_ij) as a constant."""
+    group = np.arange(q.shape[1]) // (q.shape[1] // k.shape[1])
+    scores = q @ k[:, group].transpose(-1, -2) * (1.0 / math.sqrt(q.shape[-1]))
+    scores = F.masked_fill(scores, ~np.asarray(mask), -np.inf) if mask is not None else scores
+    peak = np.maximum(scores.data.max(axis=-1, keepdims=True), np.finfo(scores.dtype).min)  # rows without keys
+    weights = (scores - Tensor(peak)).exp()
+    probs = weights * Tensor(1 / np.maximum(weights.data.sum(axis=-1, keepdims=True), 1))
+    return value_of(F.attention(q, k, v, mask), probs @ v[:, group])
+
+
 # ----- kernels (wrapping the real launchers)
 def kernel_namespace(**overrides):
     from tinysft.verify.kernels import _kernels
@@ -383,6 +469,21 @@ MUTANTS = {
                     lambda: functional_with(layer_norm=layer_norm_backward_no_projection))],
     "gelu": [("tanh approximation as exact", lambda: functional_with(gelu=gelu_tanh_for_exact)),
              ("gradient Φ(x) only", lambda: functional_with(gelu=gelu_grad_missing_x_phi))],
+    "rms_norm": [("ε outside the square root", lambda: decoder_functional(rms_norm=rms_norm_eps_outside_root)),
+                 ("mean subtracted (LayerNorm)", lambda: decoder_functional(rms_norm=rms_norm_centred)),
+                 ("backward with r held constant", lambda: decoder_functional(rms_norm=rms_norm_backward_constant_scale))],
+    "rope_rotation": [("adjacent pairs (GPT-J layout)", lambda: decoder_functional(rope=rope_interleaved)),
+                      ("θ_i = base^(−i/D)", lambda: decoder_functional(rope_cache=rope_cache_half_frequencies)),
+                      ("rotation by −pθ", lambda: decoder_functional(rope=rope_backwards_angle)),
+                      ("gradient rotated forwards", lambda: decoder_functional(rope=rope_backward_forward_rotation)),
+                      ("sinusoid added, not rotated", lambda: decoder_functional(rope=rope_absolute_sinusoid))],
+    "swiglu": [("σ(a)·u gate (GLU)", lambda: decoder_functional(swiglu=swiglu_sigmoid_gate)),
+               ("∂/∂a without the product rule", lambda: decoder_functional(swiglu=swiglu_grad_missing_product_rule))],
+    "causal_attention": [("mask off by one (sees the next key)", lambda: decoder_functional(causal_mask=causal_mask_sees_next)),
+                         ("mask ignored", lambda: decoder_functional(attention=attention_mask_ignored)),
+                         ("kv head h mod Hkv", lambda: decoder_functional(attention=attention_kv_heads_tiled)),
+                         ("softmax denominator constant in backward",
+                          lambda: decoder_functional(attention=attention_softmax_denominator_constant))],
     "kernel_cross_entropy": [("label smoothing dropped", kernel_ce_smoothing_dropped),
                              ("row_scale forced to 1 (sum, not mean)", kernel_ce_no_row_scale)],
     "kernel_clip_grad_norm": [("always scales by c/‖g‖", kernel_clip_always_scale),

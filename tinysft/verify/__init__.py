@@ -3,7 +3,7 @@
 Each check states its formula, evaluates it independently in float64 NumPy,
 and compares tinysft's implementation with it (and gradients with central
 differences). One module per family: losses, optimizers, regularization,
-dropout, clipping, stability, kernels, finetuning.
+dropout, clipping, stability, decoder, kernels, finetuning.
 
     >>> from tinysft.verify import run_checks
     >>> [r.status for r in run_checks(only=["mse"])]
