@@ -402,6 +402,11 @@ __all__ = ["relu", "gelu", "sigmoid", "tanh", "linear", "cat", "concatenate", "s
 # The blocks of a Llama-family decoder, each one graph node with its backward fused beside it.
 # Work buffers are fresh arrays edited in place; float32 inputs stay float32, float64 stay float64.
 
+def _constant(x) -> Tensor:
+    """An array argument (NumPy, CuPy, a list, or a Tensor) as a Tensor on the array's own device."""
+    return x if isinstance(x, Tensor) else Tensor(x if hasattr(x, "shape") else np.asarray(x))
+
+
 def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-5) -> Tensor:
     """RMSNorm over the last axis: x (..., D), w (D,) → (..., D).
 
@@ -447,9 +452,9 @@ def rope_cache(positions, dim: int, base: float):
     θ_i = base^(−2i/dim) for i < dim/2, angle = position · θ_i (computed in float64);
     returns (cos, sin), float32 arrays of shape (B or 1, 1, T, dim/2), on the positions' device.
     """
-    positions = positions if isinstance(positions, Tensor) else Tensor(positions)
+    positions = _constant(positions)
     xp = positions.xp
-    positions = xp.asarray(positions.data)
+    positions = positions.data
     if positions.dtype.kind not in "iu" or positions.ndim not in (1, 2):
         raise ShapeError(f"rope_cache: positions must be integers of shape (B, T) or (T,), "
                          f"got {positions.dtype} of shape {positions.shape}")
@@ -568,7 +573,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask=None) -> Tensor:
     kv_heads, keys = k.shape[1], k.shape[2]
     groups = q_heads // kv_heads
     blocks = (batch, kv_heads, groups * length)  # the (B, Hkv, G·T) rows of the grouped view
-    scale = 1.0 / float(np.sqrt(head_dim))
+    scale = head_dim ** -0.5
 
     scores = (q.data.reshape(*blocks, head_dim) * scale) @ k.data.swapaxes(-1, -2)  # (B, Hkv, G·T, S)
     if mask is not None:
@@ -631,8 +636,7 @@ def causal_mask(length: int, keys: int = None, key_padding=None, segment_ids=Non
     keys = length if keys is None else keys
     if length < 1 or keys < length:
         raise ShapeError(f"causal_mask: need 1 ≤ T ≤ S, got T={length}, S={keys}")
-    padding, segments = (None if t is None else t if isinstance(t, Tensor) else Tensor(t)
-                         for t in (key_padding, segment_ids))
+    padding, segments = (None if t is None else _constant(t) for t in (key_padding, segment_ids))
     source = padding if padding is not None else segments
     xp = source.xp if source is not None else np
     if padding is not None and (padding.ndim != 2 or padding.shape[1] != keys):
