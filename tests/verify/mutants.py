@@ -14,6 +14,7 @@ import numpy as np
 from tinysft import functional as F
 from tinysft.finetune.distill import kd_loss
 from tinysft.finetune.strategies import fisher_diagonal, prepare
+from tinysft.nn.lora import LoRALinear
 from tinysft.optim import SGD, Adam, clip_grad_norm_, penalty_loss
 from tinysft.optim.optimizer import Optimizer
 from tinysft.tensor import Tensor
@@ -437,6 +438,42 @@ def kernel_clip_nonfinite_scaled():
     return kernel_namespace(clip_grad_norm=broken)
 
 
+# ----- lora
+class LoRAScalingAlpha(LoRALinear):
+    """s = α instead of α/r (or α/√r)."""
+
+    def __init__(self, base, r, alpha, *args, **kwargs):
+        super().__init__(base, r, alpha, *args, **kwargs)
+        self.scaling = float(alpha)
+
+
+class LoRARandomB(LoRALinear):
+    """B initialised uniformly at random like A: the adapted model no longer starts as the base."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lora_B.weight.data[...] = np.random.default_rng(0).uniform(-0.5, 0.5, self.lora_B.weight.shape)
+
+
+class LoRAMergeUnscaled(LoRALinear):
+    """merge() adds BA, forgetting the scaling s (the unmerged forward stays right)."""
+
+    def delta_weight(self):
+        return self.lora_B.weight.data.astype(np.float64) @ self.lora_A.weight.data.astype(np.float64)
+
+
+class LoRABaseTrainable(LoRALinear):
+    """The base weight is left trainable: it receives a gradient."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.weight.requires_grad = True
+
+
+def lora_with(cls):
+    return lambda: SimpleNamespace(LoRALinear=cls)
+
+
 # check name -> [(description, factory of the broken implementation)]
 MUTANTS = {
     "cross_entropy": [("gradient missing 1/N", lambda: ce_grad_missing_mean)],
@@ -498,6 +535,11 @@ MUTANTS = {
     "distillation": [("without T²", lambda: kd_without_t2),
                      ("KL(p_s ‖ p_t) instead of KL(p_t ‖ p_s)", lambda: kd_swapped_kl),
                      ("gradient reaches the teacher", lambda: kd_teacher_not_detached)],
+    "lora_merge": [("scaling α instead of α/r", lora_with(LoRAScalingAlpha)),
+                   ("B initialised random", lora_with(LoRARandomB)),
+                   ("merge forgets the scaling", lora_with(LoRAMergeUnscaled))],
+    "lora_gradients": [("scaling α instead of α/r", lora_with(LoRAScalingAlpha)),
+                       ("base weight left trainable", lora_with(LoRABaseTrainable))],
 }
 
 KERNEL_CHECKS = ("kernel_cross_entropy", "kernel_clip_grad_norm")
