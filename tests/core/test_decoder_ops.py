@@ -275,13 +275,35 @@ def test_attention_with_a_kv_cache_equals_the_last_row(device, problem):
 
 
 def test_attention_grouped_heads_equal_repeated_kv_heads():
-    """G = 3 query heads per kv head = plain multi-head attention on K, V repeated per query head."""
+    """G = 3 query heads per kv head = plain multi-head attention on K, V repeated per query head;
+    each kv head's gradient is the sum of its repeats' gradients."""
     rng = np.random.default_rng(3)
-    q, k, v = rng.standard_normal((2, 6, 4, 5)), rng.standard_normal((2, 2, 4, 5)), rng.standard_normal((2, 2, 4, 5))
-    mask = F.causal_mask(4)
-    grouped = F.attention(t(q), t(k), t(v), mask).numpy()
-    repeated = F.attention(t(q), t(np.repeat(k, 3, axis=1)), t(np.repeat(v, 3, axis=1)), mask).numpy()
-    np.testing.assert_allclose(grouped, repeated, rtol=1e-12, atol=1e-14)
+    q, k, v = rng.standard_normal((2, 6, 4, 5)), rng.standard_normal((2, 2, 4, 5)), rng.standard_normal((2, 2, 4, 3))
+    mask, upstream = F.causal_mask(4), rng.standard_normal((2, 6, 4, 3))
+    grouped = [t(a, requires_grad=True) for a in (q, k, v)]
+    repeated = [t(q, requires_grad=True)] + [t(np.repeat(a, 3, axis=1), requires_grad=True) for a in (k, v)]
+    outs = [F.attention(*leaves, mask) for leaves in (grouped, repeated)]
+    for out in outs:
+        out.backward(upstream)
+    np.testing.assert_allclose(outs[0].numpy(), outs[1].numpy(), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(grouped[0].grad, repeated[0].grad, rtol=1e-12, atol=1e-14)
+    for mine, theirs in zip(grouped[1:], repeated[1:]):
+        np.testing.assert_allclose(mine.grad, theirs.grad.reshape(2, 2, 3, 4, -1).sum(axis=2), rtol=1e-12, atol=1e-14)
+
+
+def test_attention_takes_heads_transposed_from_tokens():
+    """q, k, v as the model makes them: (B, T, H, Dh) projections permuted to (B, H, T, Dh), not contiguous."""
+    rng = np.random.default_rng(4)
+    q, k, v = rng.standard_normal((2, 3, 6, 4)), rng.standard_normal((2, 3, 2, 4)), rng.standard_normal((2, 3, 2, 4))
+    leaves = [t(a, requires_grad=True) for a in (q, k, v)]
+    out = F.attention(*(a.permute(0, 2, 1, 3) for a in leaves), F.causal_mask(3))
+    out.sum().backward()
+    plain = [t(np.ascontiguousarray(a.transpose(0, 2, 1, 3)), requires_grad=True) for a in (q, k, v)]
+    expected = F.attention(*plain, F.causal_mask(3))
+    expected.sum().backward()
+    np.testing.assert_allclose(out.numpy(), expected.numpy(), rtol=1e-12)
+    for leaf, reference in zip(leaves, plain):
+        np.testing.assert_allclose(leaf.grad, reference.grad.transpose(0, 2, 1, 3), rtol=1e-12, atol=1e-14)
 
 
 # ----- causal_mask -----
