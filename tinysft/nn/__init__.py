@@ -5,6 +5,7 @@ Modules only: the functions they call (and every fused backward) are in ``tinysf
 from .attention import AttentionSublayer, MultiHeadAttention
 from .layers import (GELU, MLP, Dropout, Embedding, Identity, LayerNorm, Linear, ReLU, SublayerOutput, Tanh,
                      activation)
+from .lora import LoRALinear, LoRASummary, apply_lora, lora_layers, merge_and_unload, merge_lora, unmerge_lora
 from .module import (IncompatibleKeys, Module, ModuleList, Parameter, Sequential, StateDictError,
                      swap_parameters)
 from .transformer import POOLINGS, ClassificationHead, Intermediate, Pooler, TransformerEncoder, TransformerEncoderLayer
@@ -14,4 +15,5 @@ __all__ = [
     "IncompatibleKeys", "Intermediate", "LayerNorm", "Linear", "Module", "ModuleList", "MultiHeadAttention",
     "Parameter", "Pooler", "ReLU", "Sequential", "StateDictError", "SublayerOutput", "Tanh", "TransformerEncoder",
     "TransformerEncoderLayer", "activation", "swap_parameters",
+    "LoRALinear", "LoRASummary", "apply_lora", "lora_layers", "merge_and_unload", "merge_lora", "unmerge_lora",
 ]
