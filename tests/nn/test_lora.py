@@ -242,9 +242,9 @@ def test_errors_name_the_problem():
     for p in (1.0, -0.1, 2):
         with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\)"):
             apply_lora(tiny_bert(), dropout=p, target_modules=["query"])
-    with pytest.raises(TypeError, match="word_embeddings is a Embedding, not a Linear"):
+    with pytest.raises(TypeError, match=r"word_embeddings \(Embedding\) is not a Linear"):
         apply_lora(tiny_bert(), target_modules=["word_embeddings"])
-    with pytest.raises(TypeError, match="LayerNorm, not a Linear"):
+    with pytest.raises(TypeError, match=r"\(LayerNorm\) is not a Linear"):
         apply_lora(tiny_bert(), target_modules=["LayerNorm"])
     with pytest.raises(ValueError, match="not a valid regular expression"):
         apply_lora(tiny_bert(), target_modules="(query")
@@ -280,3 +280,50 @@ def test_tied_weights_are_never_adapted():
     apply_lora(model, target_modules=["proj"])  # the default way: adapters beside the tie, which stays
     merge_and_unload(model)
     assert model.lm_head.weight is model.embed_tokens.weight
+
+
+# ----- a tiny random Llama (HF names; the head tied to the embedding)
+def tiny_llama():
+    try:
+        from tinysft.models.llama import LlamaConfig, LlamaForCausalLM
+    except ImportError:
+        pytest.skip("LlamaForCausalLM not yet available")
+    tinysft.manual_seed(0)
+    config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16)
+    return LlamaForCausalLM(config).eval()
+
+
+TOKENS = np.array([[1, 5, 9, 3, 7], [1, 2, 30, 4, 4]])
+
+
+def test_llama_default_targets_every_projection_and_keeps_the_tie():
+    model = tiny_llama()
+    before = model(TOKENS).numpy()
+    summary = apply_lora(model, r=2, alpha=4, dropout=0.0)
+    projections = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                   "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+    assert sorted(summary.targets) == sorted(f"model.layers.{i}.{p}" for i in range(2) for p in projections)
+    np.testing.assert_array_equal(model(TOKENS).numpy(), before)
+    assert model.output_weight is model.model.embed_tokens.weight and not model.output_weight.requires_grad
+    # q 16→16, k/v 16→8, o 16→16, gate/up 16→24, down 24→16, each r·(in + out), two layers
+    assert summary.trainable == 2 * 2 * (32 + 24 + 24 + 32 + 40 + 40 + 40)
+    rng = np.random.default_rng(0)
+    for _, layer in lora_layers(model):
+        layer.lora_B.weight.data[...] = 0.3 * rng.standard_normal(layer.lora_B.weight.shape)
+    adapted = model(TOKENS).numpy()
+    assert np.abs(adapted - before).max() > 1e-2
+    F.cross_entropy(model(TOKENS)[:, :-1], TOKENS[:, 1:]).backward()
+    assert {n for n, p in model.named_parameters() if p.grad is not None} == {
+        n for n, p in model.named_parameters() if "lora_" in n}
+    merge_and_unload(model)
+    assert model.output_weight is model.model.embed_tokens.weight
+    scale = np.abs(adapted).max()
+    assert np.abs(model(TOKENS).numpy() - adapted).max() < 1e-5 * scale  # float32, merged vs unmerged
+
+
+def test_llama_embeddings_are_never_targets():
+    with pytest.raises(TypeError, match=r"embed_tokens \(Embedding\) is not a Linear"):
+        apply_lora(tiny_llama(), target_modules=["embed_tokens"])
+    with pytest.raises(ValueError, match="no module matches target_modules \\['lm_head'\\]"):
+        apply_lora(tiny_llama(), target_modules=["lm_head"])  # tied: the head is the embedding, not a Linear

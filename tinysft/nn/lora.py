@@ -190,7 +190,7 @@ def find_targets(model: Module, target_modules) -> list:
         if isinstance(module, LoRALinear):
             raise ValueError(f"LoRA: {name} already has an adapter (call apply_lora once per model)")
         if not isinstance(module, Linear):
-            raise TypeError(f"LoRA: target {name} is a {type(module).__name__}, not a Linear "
+            raise TypeError(f"LoRA: target {name} ({type(module).__name__}) is not a Linear "
                             f"(LoRA here adapts Linear layers only; embeddings are never targeted)")
         shared = tied.get(id(module)) or tied.get(id(module.weight))
         if shared:
