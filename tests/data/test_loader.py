@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tinysft.data.datasets import TextClassificationDataset
+from tinysft.data.datasets import ArrayDataset, TextClassificationDataset
 from tinysft.data.loader import DataLoader, default_collate
 
 
@@ -72,3 +72,32 @@ def test_state_mismatch_raises():
         DataLoader(make_dataset(10), 5).load_state_dict(state)
     with pytest.raises(ValueError, match="batch_size must be positive"):
         DataLoader(make_dataset(10), 0)
+
+
+def test_array_dataset_batches_are_row_slices_in_the_loader_order():
+    """An ArrayDataset is batched by slicing every array at the epoch's rows (no per-row collate)."""
+    x, y = np.arange(20).reshape(10, 2), np.arange(10) * 10
+    loader = DataLoader(ArrayDataset({"x": x, "labels": y}), batch_size=4, shuffle=True, seed=3)
+    order = loader.epoch_order(0)
+    batches = list(loader)
+    assert [len(b["labels"]) for b in batches] == [4, 4, 2]
+    for i, batch in enumerate(batches):
+        rows = order[4 * i:4 * i + 4]
+        np.testing.assert_array_equal(batch["x"], x[rows])
+        np.testing.assert_array_equal(batch["labels"], y[rows])
+    assert ArrayDataset({"x": x})[3]["x"].tolist() == [6, 7]
+
+
+def test_array_dataset_resumes_and_validates_like_any_dataset():
+    data = {"x": np.arange(9.0)}
+    original = DataLoader(ArrayDataset(data), batch_size=2, seed=1)
+    it = iter(original)
+    next(it)
+    state = original.state_dict()
+    restored = DataLoader(ArrayDataset(data), batch_size=2, seed=1)
+    restored.load_state_dict(state)
+    assert [b["x"].tolist() for b in restored] == [b["x"].tolist() for b in it]
+    with pytest.raises(ValueError, match="num_examples"):
+        DataLoader(ArrayDataset({"x": np.arange(8.0)}), batch_size=2, seed=1).load_state_dict(state)
+    with pytest.raises(ValueError, match="first dimension"):
+        ArrayDataset({"x": np.arange(3), "y": np.arange(4)})

@@ -7,7 +7,7 @@ of training visibly lower the loss.
 import numpy as np
 
 import tinysft
-from tinysft.finetune import ArrayLoader
+from tinysft.data import ArrayDataset, DataLoader
 from tinysft.models import BertConfig, BertForSequenceClassification
 
 VOCAB, SEQ, CLASSES = 30, 6, 3
@@ -36,4 +36,4 @@ def token_data(n: int = 24, seed: int = 0, ignored: int = 0) -> dict:
 
 
 def loader(data, batch_size=4, shuffle=False, seed=0):
-    return ArrayLoader(data, batch_size=batch_size, shuffle=shuffle, seed=seed)
+    return DataLoader(ArrayDataset(data), batch_size=batch_size, shuffle=shuffle, seed=seed)

@@ -169,7 +169,7 @@ def test_feature_extraction_trains_only_the_head_on_cached_features(tmp_path):
     train = plan.features(loader(data, 8), shuffle=True, cache=cache)
     assert backbone.calls == 3 and cache.exists()
     model.eval()
-    np.testing.assert_allclose(train.arrays["features"],
+    np.testing.assert_allclose(train.dataset.arrays["features"],
                                model.features(data["input_ids"], data["attention_mask"]).numpy(), atol=1e-6)
     model.train()
 
@@ -188,7 +188,7 @@ def test_feature_extraction_trains_only_the_head_on_cached_features(tmp_path):
     again = prepare(model, "feature_extraction", lr=LR, backbone=CountingBackbone(model))
     cached = again.features(loader(data, 8), cache=cache)
     assert again.extractor.backbone.calls == 0
-    np.testing.assert_array_equal(cached.arrays["features"], train.arrays["features"])
+    np.testing.assert_array_equal(cached.dataset.arrays["features"], train.dataset.arrays["features"])
     # ... and recomputes once the backbone's weights differ
     dict(model.named_parameters())["bert.encoder.layer.0.output.dense.bias"].data += 1.0
     changed = prepare(model, "feature_extraction", lr=LR, backbone=CountingBackbone(model))

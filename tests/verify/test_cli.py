@@ -1,37 +1,30 @@
 """`tinysft verify` from the command line: exit codes, JSON, flags, and the one-minute budget."""
-import importlib
 import json
 import os
 import subprocess
 import sys
 import time
-import types
 from pathlib import Path
 
 import pytest
 
-import tinysft.cli
 from tinysft import verify
+from tinysft.app.cli import _parser, main
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _dispatch_verify(argv):
-    """Parse with the real CLI parser and call verify.main exactly as tinysft.cli does."""
-    args = tinysft.cli._parser().parse_args(["verify", *argv])
+    """Parse with the real CLI parser and call verify.main exactly as tinysft.app.cli does."""
+    args = _parser().parse_args(["verify", *argv])
     return verify.main(only=args.only, seed=args.seed, dtype=args.dtype, as_json=args.json,
                        explain=args.explain, list_checks=args.list)
 
 
 @pytest.fixture
-def cli(monkeypatch):
-    """tinysft.cli.main; its dispatcher imports tinysft.jobs for every command, so while that module is
-    not written yet an empty stand-in is put in its place (verify does not use it)."""
-    try:
-        importlib.import_module("tinysft.jobs")
-    except ImportError:
-        monkeypatch.setitem(sys.modules, "tinysft.jobs", types.ModuleType("tinysft.jobs"))
-    return tinysft.cli.main
+def cli():
+    """tinysft.app.cli.main, the function behind the ``tinysft`` command."""
+    return main
 
 
 def test_cli_verify_json_exit_0_and_valid_json(cli, capsys):

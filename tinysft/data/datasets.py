@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["DatasetError", "TextClassificationDataset", "load_csv", "load_jsonl", "encode_labels"]
+__all__ = ["DatasetError", "TextClassificationDataset", "ArrayDataset", "load_csv", "load_jsonl", "encode_labels"]
 
 
 class DatasetError(ValueError):
@@ -60,6 +60,32 @@ class TextClassificationDataset:
 
     def class_counts(self) -> np.ndarray:
         return np.bincount(self.labels, minlength=self.num_classes)
+
+
+class ArrayDataset:
+    """Named arrays sharing their first axis (cached features, token ids, synthetic data).
+
+    Example i is ``{name: array[i]}``; ``gather(rows)`` slices every array at once, which
+    ``DataLoader`` uses instead of collating row by row.
+    """
+
+    def __init__(self, arrays: dict):
+        self.arrays = {k: np.asarray(v) for k, v in arrays.items()}
+        lengths = {len(v) for v in self.arrays.values()}
+        if len(lengths) != 1:
+            raise ValueError(f"arrays must share their first dimension, got lengths "
+                             f"{ {k: len(v) for k, v in self.arrays.items()} }")
+        self._length = lengths.pop()
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, i: int) -> dict:
+        return {k: v[i] for k, v in self.arrays.items()}
+
+    def gather(self, rows: np.ndarray) -> dict:
+        """The batch of examples ``rows``: ``{name: array[rows]}``."""
+        return {k: v[rows] for k, v in self.arrays.items()}
 
 
 def _sorted_label_names(raw: Sequence) -> list[str]:

@@ -3,13 +3,18 @@
 Epoch e visits the examples in the order `np.random.default_rng([seed, e]).permutation(n)`,
 so the order depends only on (seed, epoch), never on how many batches were drawn before.
 `state_dict()` records (epoch, position); a loader restored from it yields exactly the
-batches the original had not yet yielded.
+batches the original had not yet yielded, mid-epoch included::
 
-    >>> loader = DataLoader(train, batch_size=32, seed=0)
-    >>> for epoch in range(3):
-    ...     for texts, labels in loader:
-    ...         ...
-    ...     save_checkpoint(dir, params, {"loader": loader.state_dict()})
+    loader = DataLoader(train, batch_size=32, seed=0)
+    for epoch in range(3):
+        for texts, labels in loader:
+            ...
+        save_checkpoint(dir, params, {"loader": loader.state_dict()})
+
+The dataset is indexed example by example and the batch built by ``collate``; a
+dataset with a ``gather(rows)`` method (``ArrayDataset``: in-memory arrays such as
+cached features) returns the whole batch itself. The epoch counter advances when an
+epoch runs to its end, or at the start of an iteration whose epoch was already used up.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["DataLoader", "default_collate"]
+__all__ = ["DataLoader", "default_collate", "tokenizing_collate"]
 
 
 def default_collate(items: Sequence) -> Any:
@@ -32,6 +37,16 @@ def default_collate(items: Sequence) -> Any:
     if isinstance(first, str):
         return list(items)
     return np.stack([np.asarray(item) for item in items])
+
+
+def tokenizing_collate(tokenizer, max_length: int) -> Callable[[list], dict]:
+    """(text, label) items → {"input_ids", "attention_mask", "labels"}, padded to the batch's longest."""
+    def collate(items):
+        texts = [text for text, _ in items]
+        encoded = tokenizer.encode_batch(texts, max_length=max_length, padding=True, truncation=True)
+        return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"],
+                "labels": np.array([label for _, label in items], dtype=np.int64)}
+    return collate
 
 
 class DataLoader:
@@ -63,7 +78,8 @@ class DataLoader:
             start = self.position * self.batch_size
             batch = order[start:start + self.batch_size]
             self.position += 1
-            yield self.collate([self.dataset[int(i)] for i in batch])
+            gather = getattr(self.dataset, "gather", None)
+            yield gather(batch) if gather is not None else self.collate([self.dataset[int(i)] for i in batch])
         self.epoch, self.position = self.epoch + 1, 0
 
     def state_dict(self) -> dict:

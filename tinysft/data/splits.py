@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["stratified_split", "stratified_sample", "split_dataset"]
+__all__ = ["stratified_split", "stratified_sample", "split_dataset", "train_val_test"]
 
 
 def _check_fractions(fractions: Sequence[float]) -> np.ndarray:
@@ -62,3 +62,8 @@ def stratified_sample(labels: Sequence[int], n: int, seed: int = 0) -> np.ndarra
 def split_dataset(dataset, fractions: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0) -> list:
     """`stratified_split` applied to a dataset with `.labels` and `.subset(indices)`."""
     return [dataset.subset(idx) for idx in stratified_split(dataset.labels, fractions, seed)]
+
+
+def train_val_test(dataset, val_fraction: float, test_fraction: float, seed: int = 0) -> list:
+    """(train, validation, test) by `split_dataset`, train taking what the other two leave."""
+    return split_dataset(dataset, (1.0 - val_fraction - test_fraction, val_fraction, test_fraction), seed=seed)

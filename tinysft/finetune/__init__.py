@@ -15,10 +15,8 @@ callbacks.py   EarlyStopping, ProgressBar, MetricsLog
 metrics.py     accuracy, macro-F1, confusion matrix
 distill.py     knowledge-distillation loss and loop
 ensemble.py    probability averaging / majority vote over K models
-data.py        ArrayLoader: a resumable loader over in-memory arrays
 """
 from .callbacks import EarlyStopping, MetricsLog, ProgressBar
-from .data import ArrayLoader
 from .distill import DistillationLoss, distill, kd_loss
 from .ensemble import ensemble_predict, evaluate_ensemble
 from .features import FeatureExtractor, HeadModel
@@ -30,6 +28,6 @@ from .weights import get_weights, set_weights
 
 __all__ = ["prepare", "fit", "Trainer", "NonFiniteLossError", "STRATEGIES", "FinetunePlan", "GradualUnfreezer",
            "layer_groups", "fisher_diagonal", "discriminative_scales", "FeatureExtractor", "HeadModel",
-           "EarlyStopping", "ProgressBar", "MetricsLog", "ArrayLoader", "accuracy", "macro_f1",
+           "EarlyStopping", "ProgressBar", "MetricsLog", "accuracy", "macro_f1",
            "confusion_matrix", "classification_metrics", "kd_loss", "DistillationLoss", "distill",
            "ensemble_predict", "evaluate_ensemble", "get_weights", "set_weights"]

@@ -21,7 +21,7 @@ import numpy as np
 from ..backend import to_device
 from ..tensor import Tensor, no_grad
 from .batch import labels_of, split_batch
-from .data import ArrayLoader
+from ..data import ArrayDataset, DataLoader
 
 __all__ = ["FeatureExtractor", "HeadModel", "find_head_and_backbone"]
 
@@ -153,8 +153,8 @@ class FeatureExtractor:
         return result
 
     def loader(self, loader, batch_size: int | None = None, shuffle: bool = False, seed: int = 0,
-               cache=None) -> ArrayLoader:
-        """An ``ArrayLoader`` over the cached ``{"features", "labels"}`` of ``loader``'s examples."""
+               cache=None) -> DataLoader:
+        """A ``DataLoader`` over the cached ``{"features", "labels"}`` of ``loader``'s examples."""
         data = self.extract(loader, cache=cache)
         batch_size = batch_size or getattr(loader, "batch_size", None) or 32
-        return ArrayLoader(data, batch_size=batch_size, shuffle=shuffle, seed=seed)
+        return DataLoader(ArrayDataset(data), batch_size=batch_size, shuffle=shuffle, seed=seed)

@@ -53,10 +53,14 @@ feature_extraction
     only the head is trained on them (``plan.model`` is the head alone). See
     ``features.py``.
 
+Each strategy is one function (``_full`` ... ``_feature_extraction``) registered in
+``STRATEGIES``; ``prepare`` checks the options against the chosen one's signature.
+
 ``weight_decay`` (if given) is written into every group; ``no_decay`` (e.g.
 ``tinysft.optim.NO_DECAY``) splits each group in two, the second, named
 ``<group>.no_decay``, with weight decay 0 for the matching parameter names.
 """
+import inspect
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -64,12 +68,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..backend import to_device
+from ..optim.groups import is_exempt
 from .batch import count_examples, cross_entropy_sum
 
 __all__ = ["STRATEGIES", "FinetunePlan", "prepare", "layer_groups", "fisher_diagonal",
            "discriminative_scales", "GradualUnfreezer"]
-
-STRATEGIES = ("full", "encoder_only", "layerwise", "discriminative", "feature_extraction")
 
 _EMBED = re.compile(r"(^|\.)embed")
 _BLOCK = re.compile(r"(?:^|\.)(?:layer|layers|h|blocks|block)\.(\d+)\.")
@@ -157,74 +160,109 @@ class FinetunePlan:
         return {name: g for g, members in self.layers for name, _ in members}
 
     def features(self, loader, **kwargs):
-        """feature_extraction only: an ``ArrayLoader`` over cached features (see FeatureExtractor.loader)."""
+        """feature_extraction only: a ``DataLoader`` over cached features (see FeatureExtractor.loader)."""
         if self.extractor is None:
             raise ValueError(f"plan.features() is for strategy 'feature_extraction', not {self.strategy!r}")
         return self.extractor.loader(loader, **kwargs)
 
 
 def prepare(model, strategy: str = "full", lr: float = 2e-5, *, weight_decay: float | None = None,
-            no_decay=None, decay: float = 0.9, gradual_unfreeze: bool = False, unfreeze_every: int = 1,
-            fisher_loader=None, fisher_batches: int | None = None, min_scale: float = 0.1,
-            normalize: str = "max", loss_fn: Callable | None = None, ignore_index: int = -100,
-            head=None, backbone=None) -> FinetunePlan:
+            no_decay=None, **options) -> FinetunePlan:
     """Freeze and group ``model``'s parameters for ``strategy`` (see the module docstring).
 
+    ``options`` are the strategy's own (each strategy is one function below):
     layerwise: ``decay``, ``gradual_unfreeze``, ``unfreeze_every``.
     discriminative: ``fisher_loader`` (task batches), ``fisher_batches`` (default: all),
-    ``min_scale``, ``normalize`` ("max" or "mean"), ``loss_fn(model, batch) -> summed loss``.
+    ``min_scale``, ``normalize`` ("max" or "mean"), ``loss_fn(model, batch) -> summed loss``,
+    ``ignore_index``.
     feature_extraction: ``head`` (the module trained on features) and ``backbone``
     (``backbone(batch inputs) -> features``); found on the model when omitted.
     """
     if strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")
+        raise ValueError(f"unknown strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}")
+    build = STRATEGIES[strategy]
+    accepted = [name for name in inspect.signature(build).parameters][3:]  # after (model, layers, lr)
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise TypeError(f"prepare: strategy {strategy!r} takes no option {', '.join(unknown)}"
+                        f" (its options: {', '.join(accepted) or 'none'})")
     layers = layer_groups(model)
-    named = [(n, p) for _, members in layers for n, p in members]
+    named = _all_params(layers)
     _set_trainable(named, True)
-
-    if strategy == "full":
-        plan = FinetunePlan(strategy, model, [_group("all", [p for _, p in named], lr)], layers, scales={"all": 1.0})
-    elif strategy == "encoder_only":
-        embeddings = [m for g, members in layers if _EMBED.search(g) for m in members]
-        if not embeddings:
-            raise ValueError("encoder_only: found no embedding parameters (no name with a component starting "
-                             f"with 'embed'); names look like {[n for n, _ in named[:4]]}")
-        _set_trainable(embeddings, False)
-        trained = [p for n, p in named if p.requires_grad]
-        plan = FinetunePlan(strategy, model, [_group("encoder+head", trained, lr)], layers,
-                            frozen=[n for n, _ in embeddings], scales={"encoder+head": 1.0})
-    elif strategy == "layerwise":
-        if not 0 < decay <= 1:
-            raise ValueError(f"layerwise: decay must be in (0, 1], got {decay}")
-        top_down = layers[::-1]
-        scales = {g: decay ** depth for depth, (g, _) in enumerate(top_down)}
-        groups = [_group(g, [p for _, p in members], lr * scales[g]) for g, members in top_down]
-        unfreezer = GradualUnfreezer(top_down, every=unfreeze_every) if gradual_unfreeze else None
-        plan = FinetunePlan(strategy, model, groups, layers, scales=scales, unfreezer=unfreezer)
-        plan.on_epoch_start(0)
-        plan.frozen = [n for n, p in named if not p.requires_grad]
-    elif strategy == "discriminative":
-        if fisher_loader is None:
-            raise ValueError("discriminative: pass fisher_loader=, the task batches that estimate the Fisher information")
-        fisher = fisher_diagonal(model, fisher_loader, num_batches=fisher_batches, loss_fn=loss_fn,
-                                 ignore_index=ignore_index)
-        scales = discriminative_scales(fisher, min_scale=min_scale, normalize=normalize)
-        groups = [_group(n, [p], lr * scales[n]) for n, p in named]
-        plan = FinetunePlan(strategy, model, groups, layers, scales=scales)
-    else:
-        from .features import FeatureExtractor, find_head_and_backbone
-        head_model, backbone = find_head_and_backbone(model, head, backbone)
-        head_ids = {id(p) for _, p in head_model.named_parameters()}
-        _set_trainable([(n, p) for n, p in named if id(p) not in head_ids], False)
-        params = [p for _, p in head_model.named_parameters()]
-        plan = FinetunePlan(strategy, head_model, [_group("head", params, lr)], layers,
-                            frozen=[n for n, p in named if id(p) not in head_ids], scales={"head": 1.0},
-                            extractor=FeatureExtractor(backbone, model, exclude=head_ids))
-
+    plan = build(model, layers, lr, **options)
     plan.param_groups = _finish_groups(plan.param_groups, {id(p): n for n, p in named} |
                                        {id(p): n for n, p in plan.model.named_parameters()},
                                        weight_decay, no_decay)
     return plan
+
+
+def _all_params(layers):
+    return [(n, p) for _, members in layers for n, p in members]
+
+
+def _full(model, layers, lr) -> FinetunePlan:
+    """Every parameter at ``lr``, one group ``all``."""
+    params = [p for _, p in _all_params(layers)]
+    return FinetunePlan("full", model, [_group("all", params, lr)], layers, scales={"all": 1.0})
+
+
+def _encoder_only(model, layers, lr) -> FinetunePlan:
+    """The embeddings frozen; everything else at ``lr``, one group ``encoder+head``."""
+    named = _all_params(layers)
+    embeddings = [m for g, members in layers if _EMBED.search(g) for m in members]
+    if not embeddings:
+        raise ValueError("encoder_only: found no embedding parameters (no name with a component starting "
+                         f"with 'embed'); names look like {[n for n, _ in named[:4]]}")
+    _set_trainable(embeddings, False)
+    trained = [p for _, p in named if p.requires_grad]
+    return FinetunePlan("encoder_only", model, [_group("encoder+head", trained, lr)], layers,
+                        frozen=[n for n, _ in embeddings], scales={"encoder+head": 1.0})
+
+
+def _layerwise(model, layers, lr, decay: float = 0.9, gradual_unfreeze: bool = False,
+               unfreeze_every: int = 1) -> FinetunePlan:
+    """The group at depth d at ``lr · decay**d``; optionally unfrozen from the top, epoch by epoch."""
+    if not 0 < decay <= 1:
+        raise ValueError(f"layerwise: decay must be in (0, 1], got {decay}")
+    top_down = layers[::-1]
+    scales = {g: decay ** depth for depth, (g, _) in enumerate(top_down)}
+    groups = [_group(g, [p for _, p in members], lr * scales[g]) for g, members in top_down]
+    unfreezer = GradualUnfreezer(top_down, every=unfreeze_every) if gradual_unfreeze else None
+    plan = FinetunePlan("layerwise", model, groups, layers, scales=scales, unfreezer=unfreezer)
+    plan.on_epoch_start(0)
+    plan.frozen = [n for n, p in _all_params(layers) if not p.requires_grad]
+    return plan
+
+
+def _discriminative(model, layers, lr, fisher_loader=None, fisher_batches: int | None = None,
+                    min_scale: float = 0.1, normalize: str = "max", loss_fn: Callable | None = None,
+                    ignore_index: int = -100) -> FinetunePlan:
+    """One group per tensor at ``lr · s_t``, s_t from the diagonal Fisher information."""
+    if fisher_loader is None:
+        raise ValueError("discriminative: pass fisher_loader=, the task batches that estimate the Fisher information")
+    fisher = fisher_diagonal(model, fisher_loader, num_batches=fisher_batches, loss_fn=loss_fn,
+                             ignore_index=ignore_index)
+    scales = discriminative_scales(fisher, min_scale=min_scale, normalize=normalize)
+    groups = [_group(n, [p], lr * scales[n]) for n, p in _all_params(layers)]
+    return FinetunePlan("discriminative", model, groups, layers, scales=scales)
+
+
+def _feature_extraction(model, layers, lr, head=None, backbone=None) -> FinetunePlan:
+    """The backbone frozen; the head alone trained on cached features (``plan.features``)."""
+    from .features import FeatureExtractor, find_head_and_backbone
+    named = _all_params(layers)
+    head_model, backbone = find_head_and_backbone(model, head, backbone)
+    head_ids = {id(p) for _, p in head_model.named_parameters()}
+    frozen = [(n, p) for n, p in named if id(p) not in head_ids]
+    _set_trainable(frozen, False)
+    params = [p for _, p in head_model.named_parameters()]
+    return FinetunePlan("feature_extraction", head_model, [_group("head", params, lr)], layers,
+                        frozen=[n for n, _ in frozen], scales={"head": 1.0},
+                        extractor=FeatureExtractor(backbone, model, exclude=head_ids))
+
+
+STRATEGIES = {"full": _full, "encoder_only": _encoder_only, "layerwise": _layerwise,
+              "discriminative": _discriminative, "feature_extraction": _feature_extraction}
 
 
 def _group(name, params, lr):
@@ -239,13 +277,13 @@ def _set_trainable(named, flag):
 
 
 def _finish_groups(groups, names_by_id, weight_decay, no_decay):
-    """Add weight decay, split off no-decay parameters, drop empty groups."""
+    """Add weight decay, split off no-decay parameters (``optim.groups.is_exempt``), drop empty groups."""
     out = []
     for group in groups:
         if weight_decay is not None:
             group["weight_decay"] = weight_decay
         if no_decay:
-            exempt = [p for p in group["params"] if any(k in names_by_id[id(p)] for k in no_decay)]
+            exempt = [p for p in group["params"] if is_exempt(names_by_id[id(p)], no_decay)]
             if exempt:
                 exempt_ids = {id(p) for p in exempt}
                 group["params"] = [p for p in group["params"] if id(p) not in exempt_ids]

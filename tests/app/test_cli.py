@@ -1,4 +1,4 @@
-"""`tinysft finetune / eval / predict / embed` end to end, through ``tinysft.cli.main``.
+"""`tinysft finetune / eval / predict / embed` end to end, through ``tinysft.app.cli.main``.
 
 - The real job: MiniLM-L6 on WordNet supersenses, 200 examples and 5 optimizer steps (one
   training log line falls on step 5: the trainer logs every 5 steps), then eval, predict and
@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tinysft.cli import _parser, main
-from tinysft.config import RunConfig, build_config
+from tinysft.app.cli import _parser, main
+from tinysft.app.config import RunConfig, build_config
 from tinysft.data import DatasetError
 from tinysft.data.wordnet import find_wordnet_noun_file
 from tinysft.io import load_file
@@ -46,7 +46,7 @@ TEST_LINE = re.compile(r"^test: (.*)$", re.MULTILINE)
 
 
 def run_cli(argv) -> tuple[int, str, str]:
-    """(exit code, stdout, stderr) of ``tinysft.cli.main(argv)``; usable from module-scoped fixtures."""
+    """(exit code, stdout, stderr) of ``tinysft.app.cli.main(argv)``; usable from module-scoped fixtures."""
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = main(argv)

@@ -8,7 +8,7 @@ import argparse
 import sys
 from dataclasses import fields
 
-from . import __version__
+from .. import __version__
 from .config import RunConfig, build_config
 
 
@@ -81,22 +81,22 @@ def main(argv=None) -> int:
 
 
 def _dispatch(args) -> int:
-    from . import jobs
+    """Each command's body is its own module of tinysft.app, imported only when that command runs."""
     if args.command == "finetune":
+        from .finetune import finetune
         overrides = {f.name: getattr(args, f.name) for f in fields(RunConfig)}
-        return jobs.finetune(build_config(args.config, overrides))
+        return finetune(build_config(args.config, overrides))
     if args.command == "eval":
-        return jobs.evaluate(args.run_dir)
+        from .evaluate import evaluate
+        return evaluate(args.run_dir)
     if args.command == "predict":
-        return jobs.predict(args.run_dir, args.texts)
+        from .predict import predict
+        return predict(args.run_dir, args.texts)
     if args.command == "embed":
-        return jobs.embed(args.texts, args.model, as_json=args.json)
+        from .embed import embed
+        return embed(args.texts, args.model, as_json=args.json)
     if args.command == "verify":
-        from .verify import main as verify_main
+        from ..verify import main as verify_main
         return verify_main(only=args.only, seed=args.seed, dtype=args.dtype, as_json=args.json,
                            explain=args.explain, list_checks=args.list)
     raise AssertionError(args.command)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

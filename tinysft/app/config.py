@@ -2,22 +2,31 @@
 
 Precedence: flags > ``--config run.toml`` > the defaults below. The defaults are
 the main job: MiniLM-L6 fine-tuned on WordNet supersenses with layer-wise LR
-decay, sized to finish within about ten minutes on two CPU cores.
+decay, sized to finish within about ten minutes on two CPU cores. The choices
+of strategy, optimizer, schedule and penalty are read from their owners.
+
+>>> config = build_config(overrides={"lr": "3e-4", "strategy": "full"})
+>>> config.lr, config.strategy
+(0.0003, 'full')
+>>> to_toml({"lr": 0.0003, "progress": False, "out": "runs/a"})
+'lr = 0.0003\nprogress = false\nout = "runs/a"\n'
 """
 import dataclasses
+import json
 import tomllib
 from dataclasses import dataclass, field, fields
 
-from .optim.schedules import SCHEDULES
+from ..finetune.strategies import STRATEGIES
+from ..optim import OPTIMIZERS
+from ..optim.regularization import PENALTIES as _PENALTY_KINDS
+from ..optim.schedules import SCHEDULES
 
 
 class ConfigError(ValueError):
     """A setting that is unknown, of the wrong type or out of range."""
 
 
-STRATEGIES = ("full", "encoder_only", "layerwise", "discriminative", "feature_extraction")
-OPTIMIZERS = ("adamw", "adam", "sgd")
-PENALTIES = ("none", "l1", "l2", "l2sp")
+PENALTIES = ("none",) + tuple(_PENALTY_KINDS)  # "none": no penalty group keys at all
 
 
 @dataclass
@@ -123,3 +132,15 @@ def build_config(toml_path=None, overrides=None) -> RunConfig:
     if unknown:
         raise ConfigError(f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(known)}")
     return RunConfig(**{k: _coerce(k, known[k], v) for k, v in settings.items()}).validate()
+
+
+def to_toml(settings: dict) -> str:
+    """Flat ``key = value`` TOML for str, bool, int and float values (what RunConfig holds);
+    ``build_config`` reads it back to the same settings."""
+    def value(v):
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return json.dumps(v)  # a JSON string is a valid TOML basic string
+        return repr(v)
+    return "".join(f"{k} = {value(v)}\n" for k, v in settings.items())
