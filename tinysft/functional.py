@@ -513,7 +513,9 @@ def rope(x: Tensor, cos, sin) -> Tensor:
 def swiglu(gate: Tensor, up: Tensor) -> Tensor:
     """SwiGLU's gating: y = silu(a) · u, silu(a) = a·σ(a), for gate a and up u of one shape (..., F).
 
-    σ(a) = ½(1 + tanh(a/2)): one tanh, no overflow for any a. Backward (fused):
+    σ(a) = 1/(1 + e^(−a)), accurate to the last bits for every a: where e^(−a) overflows
+    (a < −88 in float32) it is inf and σ(a) = 0, what σ rounds to there anyway (that
+    overflow is expected and not warned about). Backward (fused):
       da = g · u · σ(a)·(1 + a·(1 − σ(a)));  du = g · a·σ(a).
     σ(a) is kept for the backward.
     """
@@ -522,10 +524,11 @@ def swiglu(gate: Tensor, up: Tensor) -> Tensor:
         raise ShapeError(f"swiglu: gate of shape {gate.shape} and up of shape {up.shape} differ")
     xp = gate.xp
     a = gate.data
-    sigma = a * a.dtype.type(0.5)  # (..., F): a/2, then σ(a) in place
-    xp.tanh(sigma, out=sigma)
+    sigma = xp.negative(a)  # (..., F): −a, then σ(a) in place
+    with np.errstate(over="ignore"):
+        xp.exp(sigma, out=sigma)
     sigma += 1
-    sigma *= 0.5
+    xp.reciprocal(sigma, out=sigma)
     value = a * sigma  # silu(a), then times u in place
     value *= up.data
     out = make_node(value, (gate, up), "swiglu")
