@@ -334,8 +334,8 @@ def test_causal_mask_rejects_bad_arguments():
 def _all_ops(dtype, requires_grad):
     rng = np.random.default_rng(0)
 
-    def leaf(*shape):
-        return t(rng.standard_normal(shape).astype(dtype), requires_grad=requires_grad)
+    def leaf(*shape):  # float32-representable values in either dtype
+        return t(rng.standard_normal(shape).astype(np.float32).astype(dtype), requires_grad=requires_grad)
 
     x, w, q, k, v = leaf(2, 3, 8), leaf(8), leaf(1, 3, 3, 4), leaf(1, 1, 3, 4), leaf(1, 1, 3, 4)
     cos, sin = F.rope_cache(np.arange(3), 4, 10000.0)
@@ -349,6 +349,17 @@ def test_dtype_is_kept_in_values_and_gradients(dtype):
     assert [o.dtype for o in outs] == [dtype] * 4
     sum(o.sum() for o in outs).backward()
     assert [leaf.grad.dtype for leaf in leaves] == [dtype] * 5
+
+
+def test_float32_agrees_with_float64():
+    """The same (float32-representable) inputs in both dtypes: values and gradients within float32 rounding."""
+    runs = []
+    for dtype in (np.float32, np.float64):
+        outs, leaves = _all_ops(dtype, requires_grad=True)
+        sum((o * float(i + 1)).sum() for i, o in enumerate(outs)).backward()
+        runs.append([o.numpy() for o in outs] + [leaf.grad for leaf in leaves])
+    for single, double in zip(*runs):
+        np.testing.assert_allclose(single, double, rtol=2e-5, atol=2e-6 * np.abs(double).max())
 
 
 def test_no_grad_keeps_no_graph():
