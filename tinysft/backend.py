@@ -2,6 +2,14 @@
 
 Every op in tinysft is written once against an array module ``xp``; this module
 maps a device name to that module and moves arrays between devices.
+
+>>> import numpy as np
+>>> xp_for("cpu") is np, device_of(np.zeros(2)), to_device(np.ones(2), "cpu")
+(True, 'cpu', array([1., 1.]))
+>>> target = np.zeros(3)
+>>> scatter_add(target, np.array([0, 2, 0]), np.array([1.0, 2.0, 3.0]))  # repeats add up
+>>> target
+array([4., 0., 2.])
 """
 import numpy as np
 

@@ -1,4 +1,9 @@
-"""Check analytic gradients against central finite differences in float64."""
+"""Check analytic gradients against central finite differences in float64.
+
+>>> import numpy as np
+>>> gradcheck(lambda x: (x * x).sum(), [np.array([1.0, -2.0])])
+True
+"""
 import numpy as np
 
 from .tensor import Tensor

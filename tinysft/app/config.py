@@ -8,8 +8,10 @@ of strategy, optimizer, schedule and penalty are read from their owners.
 >>> config = build_config(overrides={"lr": "3e-4", "strategy": "full"})
 >>> config.lr, config.strategy
 (0.0003, 'full')
->>> to_toml({"lr": 0.0003, "progress": False, "out": "runs/a"})
-'lr = 0.0003\nprogress = false\nout = "runs/a"\n'
+>>> print(to_toml({"lr": 0.0003, "progress": False, "out": "runs/a"}), end="")
+lr = 0.0003
+progress = false
+out = "runs/a"
 """
 import dataclasses
 import json
