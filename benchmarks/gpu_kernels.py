@@ -1,15 +1,17 @@
-"""GPU check and timing of the kernels in csrc/ (needs CuPy and a CUDA device; exits 0 with a message otherwise).
+"""GPU check and timing of every kernel in tinysft.cuda.ops.OPS (needs CuPy and a CUDA device).
 
-1. Correctness: every case of tinysft/cuda/checks.py through cupy.RawModule against the float64 reference.
-2. Optionally (--sanitizer) the correctness run again under compute-sanitizer memcheck, racecheck, synccheck.
-3. Timing with CUDA events (warm-up, median of --iters) at the cross-entropy shapes (8192, 50304),
-   (4096, 32000), (512, 30522) and global-norm clipping over MiniLM-L6 parameter shapes (22.7M floats),
-   against a CuPy composition and torch (F.cross_entropy fwd+bwd, clip_grad_norm_) when torch has CUDA.
-   Achieved bandwidth counts the minimum bytes each operation must move (CE: read logits, write dlogits;
-   clip: read grads, then read and write them to scale), as GB/s and as a fraction of a measured
-   device-to-device copy.
+1. --check: every registered case through cupy.RawModule against the float64 reference.
+2. --sanitizer: the --check run again under compute-sanitizer memcheck, racecheck and synccheck.
+3. --timing: each op's timing cases (`bench_cases`: fused cross-entropy at 8192x50304 and 4096x49152,
+   global-norm clipping over MiniLM-L6 and SmolLM2-135M parameter shapes) with CUDA events (warm-up,
+   median of --iters), beside PyTorch's own op on the same arrays where torch has CUDA
+   (F.cross_entropy forward+backward, clip_grad_norm_(foreach=True)). Achieved bandwidth counts the
+   least traffic each operation needs (stated by the op), as GB/s and as a fraction of a
+   device-to-device copy measured in the same run.
 
-    python benchmarks/gpu_kernels.py [--sanitizer] [--iters 50] [--correctness-only]
+With no flag all three run. Without a GPU it exits 2 with a message.
+
+    python benchmarks/gpu_kernels.py [--check] [--sanitizer] [--timing] [--iters 50]
 """
 import argparse
 import shutil
@@ -20,19 +22,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tinysft.cuda import checks, is_cupy_available  # noqa: E402
-from tinysft.cuda.kernels import clip_grad_norm, softmax_cross_entropy  # noqa: E402
-
-CE_SHAPES = [(8192, 50304), (4096, 32000), (512, 30522)]
-
-
-def minilm_shapes(vocab=30522, hidden=384, layers=6, ffn=1536, positions=512):
-    """Parameter shapes of a MiniLM-L6 (BERT) encoder with pooler: 22.7M floats."""
-    shapes = [(vocab, hidden), (positions, hidden), (2, hidden), (hidden,), (hidden,)]
-    for _ in range(layers):
-        shapes += [(hidden, hidden), (hidden,)] * 4 + [(ffn, hidden), (ffn,), (hidden, ffn), (hidden,)]
-        shapes += [(hidden,)] * 4  # two LayerNorms
-    return shapes + [(hidden, hidden), (hidden,)]
+from tinysft.backend import cuda_available  # noqa: E402
+from tinysft.cuda import checks  # noqa: E402
+from tinysft.cuda.ops import OPS  # noqa: E402
 
 
 def time_gpu(fn, iters, warmup=5):
@@ -65,118 +57,104 @@ def copy_bandwidth(iters):
 def torch_cuda():
     try:
         import torch
-        return torch if torch.cuda.is_available() else None
     except ImportError:
         return None
+    return torch if torch.cuda.is_available() else None
 
 
-def cupy_cross_entropy(x, t, scale):
-    """The unfused composition: log-softmax with the max shift, loss rows, and the gradient."""
-    import cupy
+# PyTorch's counterpart of an op, on the same inputs as its BenchCase: op NAME -> builder(torch, inputs) -> fn
+def torch_cross_entropy(torch, inputs):
+    logits = torch.as_tensor(inputs["logits"], device="cuda").requires_grad_()
+    targets = torch.as_tensor(inputs["targets"], device="cuda")
 
-    m = x.max(axis=1, keepdims=True)
-    e = cupy.exp(x - m)
-    s = e.sum(axis=1, keepdims=True)
-    lse = m[:, 0] + cupy.log(s[:, 0])
-    rows = cupy.arange(x.shape[0])
-    loss = lse - x[rows, t]
-    grad = e / s
-    grad[rows, t] -= 1.0
-    grad *= scale
-    return loss, grad
+    def step():
+        logits.grad = None
+        torch.nn.functional.cross_entropy(logits, targets).backward()
+    return step
+
+
+def torch_clip(torch, inputs):
+    params = [torch.nn.Parameter(torch.as_tensor(g, device="cuda")) for g in inputs["grads"]]
+    for p in params:
+        p.grad = p.detach().clone()
+    return lambda: torch.nn.utils.clip_grad_norm_(params, inputs["max_norm"], foreach=True)
+
+
+TORCH_BASELINES = {"ce": ("torch F.cross_entropy fwd+bwd", torch_cross_entropy),
+                   "clip": ("torch clip_grad_norm_ (foreach)", torch_clip)}
 
 
 def report(label, ms, nbytes, copy_gbs):
     gbs = nbytes / ms / 1e6
-    print(f"  {label:34s} {ms:8.3f} ms  {gbs:7.0f} GB/s  {gbs / copy_gbs:5.0%} of copy")
+    print(f"  {label:40s} {ms:8.3f} ms  {gbs:7.0f} GB/s  {gbs / copy_gbs:5.0%} of copy", flush=True)
+    return gbs
 
 
-def bench_cross_entropy(iters, copy_gbs):
+def bench(iters):
     import cupy
 
+    copy_gbs = copy_bandwidth(iters)
+    print(f"device-to-device copy: {copy_gbs:.0f} GB/s (1 GiB, read + write)")
     torch = torch_cuda()
-    for n, v in CE_SHAPES:
-        rng = cupy.random.default_rng(0)
-        x = rng.standard_normal((n, v), dtype=cupy.float32) * 3
-        t = rng.integers(0, v, n)
-        nbytes = 2 * x.nbytes
-        print(f"cross-entropy fwd+bwd N={n} V={v} ({x.nbytes / 2**20:.0f} MiB logits)")
-        report("tinysft fused kernel", time_gpu(lambda: softmax_cross_entropy(x, t), iters), nbytes, copy_gbs)
-        report("tinysft fused kernel, in place",
-               time_gpu(lambda: softmax_cross_entropy(x, t, in_place=True), iters), nbytes, copy_gbs)
-        report("CuPy composition", time_gpu(lambda: cupy_cross_entropy(x, t, 1.0 / n), iters), nbytes, copy_gbs)
-        if torch is not None:
-            xt = torch.as_tensor(x, device="cuda").requires_grad_()
-            tt = torch.as_tensor(t, device="cuda")
-
-            def torch_step():
-                xt.grad = None
-                torch.nn.functional.cross_entropy(xt, tt).backward()
-
-            report("torch F.cross_entropy fwd+bwd", time_gpu(torch_step, iters), nbytes, copy_gbs)
-
-
-def bench_clip(iters, copy_gbs):
-    import cupy
-
-    shapes = minilm_shapes()
-    rng = cupy.random.default_rng(0)
-    grads = [rng.standard_normal(s, dtype=cupy.float32) for s in shapes]
-    total = sum(g.size for g in grads)
-    nbytes = 3 * 4 * total  # read for the norm, then read + write to scale
-    print(f"clip_grad_norm over MiniLM-L6 shapes: {len(shapes)} tensors, {total / 1e6:.1f}M floats")
-    report("tinysft multi-tensor kernels", time_gpu(lambda: clip_grad_norm(grads, 1e-3), iters), nbytes, copy_gbs)
-
-    def cupy_clip():
-        norm = cupy.sqrt(sum(cupy.sum(g * g, dtype=cupy.float64) for g in grads))
-        coef = cupy.minimum(1.0, 1e-3 / (norm + 1e-6)).astype(cupy.float32)
-        for g in grads:
-            g *= coef
-
-    report("CuPy composition", time_gpu(cupy_clip, iters), nbytes, copy_gbs)
-    torch = torch_cuda()
-    if torch is not None:
-        params = [torch.nn.Parameter(torch.as_tensor(g, device="cuda")) for g in grads]
-        for p in params:
-            p.grad = p.detach().clone()
-        report("torch clip_grad_norm_ (foreach)",
-               time_gpu(lambda: torch.nn.utils.clip_grad_norm_(params, 1e-3, foreach=True), iters), nbytes, copy_gbs)
+    if torch is None:
+        print("torch with CUDA not found: no PyTorch baselines")
+    summary = []
+    for op in OPS:
+        for case in op.bench_cases(cupy):
+            print(f"{case.label} ({case.nbytes / 2**20:.0f} MiB of least traffic)")
+            ms = time_gpu(case.run, iters)
+            gbs = report("tinysft", ms, case.nbytes, copy_gbs)
+            line = f"{case.label}: {gbs / copy_gbs:.0%} of copy"
+            if torch is not None and op.NAME in TORCH_BASELINES:
+                label, build = TORCH_BASELINES[op.NAME]
+                torch_ms = time_gpu(build(torch, case.inputs), iters)
+                report(label, torch_ms, case.nbytes, copy_gbs)
+                line += f", {torch_ms / ms:.2f}x PyTorch's speed"
+            summary.append(line)
+            del case
+            cupy.get_default_memory_pool().free_all_blocks()
+    print("summary:")
+    for line in summary:
+        print("  " + line)
 
 
 def run_sanitizer():
     tool = shutil.which("compute-sanitizer")
     if tool is None:
-        print("compute-sanitizer not on PATH: skipped")
-        return 0
+        print("compute-sanitizer not on PATH: FAILED (cannot run the sanitizer passes)")
+        return 1
     status = 0
     for check in ("memcheck", "racecheck", "synccheck"):
-        cmd = [tool, "--tool", check, "--error-exitcode", "3", sys.executable, __file__, "--correctness-only"]
+        cmd = [tool, "--tool", check, "--error-exitcode", "3", sys.executable, __file__, "--check"]
         result = subprocess.run(cmd, capture_output=True, text=True)
-        summary = [l for l in result.stdout.splitlines() if "ERROR SUMMARY" in l or "RACECHECK SUMMARY" in l]
-        print(f"compute-sanitizer {check}: exit {result.returncode} {' '.join(summary)}")
+        summary = [line for line in result.stdout.splitlines() if "ERROR SUMMARY" in line or "RACECHECK SUMMARY" in line]
+        print(f"compute-sanitizer {check}: exit {result.returncode} {' '.join(summary)}", flush=True)
+        if result.returncode:
+            print(result.stdout[-4000:] + result.stderr[-4000:])
         status |= result.returncode
     return status
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--check", action="store_true", help="correctness cases on the GPU")
+    p.add_argument("--sanitizer", action="store_true", help="the cases under compute-sanitizer")
+    p.add_argument("--timing", action="store_true", help="timings beside the copy bandwidth and PyTorch")
     p.add_argument("--iters", type=int, default=50)
-    p.add_argument("--sanitizer", action="store_true", help="also run compute-sanitizer memcheck/racecheck/synccheck")
-    p.add_argument("--correctness-only", action="store_true")
     args = p.parse_args()
-    if not is_cupy_available():
-        print("gpu_kernels.py: CuPy with a CUDA device is required; nothing to do.")
-        return 0
-    print("correctness (cupy.RawModule vs float64 reference):")
-    failures = checks.run_all("cupy")
-    if args.correctness_only:
-        return 1 if failures else 0
+    if not (args.check or args.sanitizer or args.timing):
+        args.check = args.sanitizer = args.timing = True
+    if not cuda_available():
+        print("gpu_kernels.py: CuPy with a CUDA device is required (cupy missing or no GPU visible)", file=sys.stderr)
+        return 2
+    failures = 0
+    if args.check:
+        print("correctness (cupy.RawModule vs float64 reference):", flush=True)
+        failures += checks.run_all("cupy")
     if args.sanitizer:
         failures += run_sanitizer()
-    copy_gbs = copy_bandwidth(args.iters)
-    print(f"device copy bandwidth: {copy_gbs:.0f} GB/s")
-    bench_cross_entropy(args.iters, copy_gbs)
-    bench_clip(args.iters, copy_gbs)
+    if args.timing:
+        bench(args.iters)
     return 1 if failures else 0
 
 

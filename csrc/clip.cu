@@ -16,55 +16,12 @@
 // partials and a one-block final reduction; no float atomics. A float64 sum of
 // squares of finite float32 values cannot overflow, so a non-finite total means
 // a non-finite gradient. B is a multiple of 32 in [32, 1024]. Pointers need
-// 4-byte alignment; float4 accesses are used only from the first 16-byte
-// boundary on.
+// 4-byte alignment (the loops of common.cuh use float4 only from the first
+// 16-byte boundary on).
 
-#define CLIP_FULL_MASK 0xffffffffu
+#include "common.cuh"
 
-// Calls f(x[j]) for j in [0, n), each j on one thread: scalar head up to the
-// first 16-byte boundary, float4 body, scalar tail.
-template <class F>
-__device__ __forceinline__ void clip_for_each(const float* x, long long n, F f) {
-    long long head = (long long)((16 - ((unsigned long long)x & 15)) & 15) / 4;
-    if (head > n) head = n;
-    for (long long j = threadIdx.x; j < head; j += blockDim.x) f(x[j]);
-    const float4* x4 = reinterpret_cast<const float4*>(x + head);
-    long long n4 = (n - head) / 4;
-    for (long long k = threadIdx.x; k < n4; k += blockDim.x) {
-        float4 v = x4[k];
-        f(v.x); f(v.y); f(v.z); f(v.w);
-    }
-    for (long long j = head + 4 * n4 + threadIdx.x; j < n; j += blockDim.x) f(x[j]);
-}
-
-// x[j] = f(x[j]) in place for j in [0, n), same access pattern.
-template <class F>
-__device__ __forceinline__ void clip_update(float* x, long long n, F f) {
-    long long head = (long long)((16 - ((unsigned long long)x & 15)) & 15) / 4;
-    if (head > n) head = n;
-    for (long long j = threadIdx.x; j < head; j += blockDim.x) x[j] = f(x[j]);
-    float4* x4 = reinterpret_cast<float4*>(x + head);
-    long long n4 = (n - head) / 4;
-    for (long long k = threadIdx.x; k < n4; k += blockDim.x) {
-        float4 v = x4[k];
-        x4[k] = make_float4(f(v.x), f(v.y), f(v.z), f(v.w));
-    }
-    for (long long j = head + 4 * n4 + threadIdx.x; j < n; j += blockDim.x) x[j] = f(x[j]);
-}
-
-// Block-wide float64 sum; the result is valid on thread 0.
-__device__ __forceinline__ double clip_block_sum(double v) {
-    __shared__ double warp_sum[32];
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(CLIP_FULL_MASK, v, o);
-    int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nwarps = blockDim.x / 32;
-    if (lane == 0) warp_sum[warp] = v;
-    __syncthreads();
-    if (warp == 0) {
-        v = lane < nwarps ? warp_sum[lane] : 0.0;
-        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(CLIP_FULL_MASK, v, o);
-    }
-    return v;
-}
+__device__ __forceinline__ double add_f64(double a, double b) { return a + b; }
 
 // The chunk of blockIdx.x: its first element and its length.
 __device__ __forceinline__ float* clip_chunk(const unsigned long long* ptrs, const long long* sizes,
@@ -81,17 +38,19 @@ extern "C" __global__ void clip_sumsq(const unsigned long long* ptrs, const long
                                       double* partial) {
     long long n;
     const float* x = clip_chunk(ptrs, sizes, chunk_tensor, chunk_start, chunk, n);
+    __shared__ double warp_part[32];
     double acc = 0.0;
-    clip_for_each(x, n, [&](float v) { acc += (double)v * (double)v; });
-    acc = clip_block_sum(acc);
+    block_for_each(x, n, [&](long long, float v) { acc += (double)v * (double)v; });
+    acc = block_reduce(acc, warp_part, 0.0, add_f64);
     if (threadIdx.x == 0) partial[blockIdx.x] = acc;
 }
 
 extern "C" __global__ void clip_finalize(const double* partial, long long num_partial, double max_norm,
                                          double* norm, float* scale, int* nonfinite) {
+    __shared__ double warp_part[32];
     double acc = 0.0;
     for (long long i = threadIdx.x; i < num_partial; i += blockDim.x) acc += partial[i];
-    acc = clip_block_sum(acc);
+    acc = block_reduce(acc, warp_part, 0.0, add_f64);
     if (threadIdx.x == 0) {
         double total = sqrt(acc);
         bool finite = isfinite(total);
@@ -109,7 +68,7 @@ extern "C" __global__ void clip_scale(const unsigned long long* ptrs, const long
     if (c == 1.0f) return;
     long long n;
     float* x = clip_chunk(ptrs, sizes, chunk_tensor, chunk_start, chunk, n);
-    clip_update(x, n, [&](float v) { return v * c; });
+    block_transform(x, x, n, [&](long long, float v) { return v * c; });
 }
 
 extern "C" __global__ void clip_value(const unsigned long long* ptrs, const long long* sizes,
@@ -117,5 +76,5 @@ extern "C" __global__ void clip_value(const unsigned long long* ptrs, const long
                                       float clip) {
     long long n;
     float* x = clip_chunk(ptrs, sizes, chunk_tensor, chunk_start, chunk, n);
-    clip_update(x, n, [&](float v) { return v < -clip ? -clip : (v > clip ? clip : v); });
+    block_transform(x, x, n, [&](long long, float v) { return v < -clip ? -clip : (v > clip ? clip : v); });
 }

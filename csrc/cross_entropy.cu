@@ -13,99 +13,45 @@
 // block barrier in the reduction orders every read of the row before any write.
 //
 // One streaming pass keeps a running (max, rescaled sum of exp) per thread,
-// then a block reduction; a second pass writes the gradient. Rows need not be
-// 16-byte aligned: each pass uses a scalar head up to the first 16-byte
-// boundary, float4 in the middle, and a scalar tail.
+// then a block reduction; a second pass writes the gradient. Both passes and
+// the reduction are the shared ones of common.cuh, so rows need not be 16-byte
+// aligned.
 //
 // Launch: grid (N), block (B) with B a multiple of 32 in [32, 1024]; no
 // dynamic shared memory.
 
-#define CE_NEG_INF __int_as_float(0xff800000)
-#define CE_FULL_MASK 0xffffffffu
+#include "common.cuh"
+
+// The running state of one thread (and, reduced, of the row): max m, sum of
+// exp(x - m) s, and the plain sum of x for label smoothing.
+struct RowStats {
+    float m, s;
+    double sum_x;
+};
 
 // Folds one element into a running (m, s). (-inf, 0) is the empty state; a
 // -inf element adds nothing (exp(-inf - -inf) would be NaN).
-__device__ __forceinline__ void ce_update(float& m, float& s, float x) {
-    if (x > m) {
-        s = s * expf(m - x) + 1.0f;
-        m = x;
-    } else if (x != CE_NEG_INF) {
-        s += expf(x - m);
+__device__ __forceinline__ void ce_update(RowStats& r, float x) {
+    if (x > r.m) {
+        r.s = r.s * expf(r.m - x) + 1.0f;
+        r.m = x;
+    } else if (x != NEG_INF) {
+        r.s += expf(x - r.m);
     }
+    r.sum_x += x;
 }
 
-// Merges two running (m, s); symmetric, so every lane of a butterfly agrees.
-__device__ __forceinline__ void ce_merge(float& m, float& s, float m2, float s2) {
-    float mm = fmaxf(m, m2);
-    if (mm == CE_NEG_INF) return;  // both empty: exp(-inf - -inf) would be NaN
-    s = s * expf(m - mm) + s2 * expf(m2 - mm);
-    m = mm;
+// Merges two states; symmetric in a and b, so every lane of a butterfly agrees.
+__device__ __forceinline__ RowStats ce_merge(RowStats a, RowStats b) {
+    float mm = fmaxf(a.m, b.m);
+    RowStats r = {mm, 0.0f, a.sum_x + b.sum_x};
+    if (mm == NEG_INF) return r;  // both empty: exp(-inf - -inf) would be NaN
+    r.s = a.s * expf(a.m - mm) + b.s * expf(b.m - mm);
+    return r;
 }
 
-// Calls f(j, x[j]) for every j in [0, n), each j on exactly one thread.
-template <class F>
-__device__ __forceinline__ void ce_for_each(const float* x, long long n, F f) {
-    long long head = (long long)((16 - ((unsigned long long)x & 15)) & 15) / 4;
-    if (head > n) head = n;
-    for (long long j = threadIdx.x; j < head; j += blockDim.x) f(j, x[j]);
-    const float4* x4 = reinterpret_cast<const float4*>(x + head);
-    long long n4 = (n - head) / 4;
-    for (long long k = threadIdx.x; k < n4; k += blockDim.x) {
-        float4 v = x4[k];
-        long long j = head + 4 * k;
-        f(j, v.x); f(j + 1, v.y); f(j + 2, v.z); f(j + 3, v.w);
-    }
-    for (long long j = head + 4 * n4 + threadIdx.x; j < n; j += blockDim.x) f(j, x[j]);
-}
-
-// y[j] = f(j, x[j]) for every j in [0, n); float4 when x and y share their
-// 16-byte phase (always when in place), scalar otherwise.
-template <class F>
-__device__ __forceinline__ void ce_transform(const float* x, float* y, long long n, F f) {
-    long long head = n;
-    if ((((unsigned long long)x ^ (unsigned long long)y) & 15) == 0) {
-        head = (long long)((16 - ((unsigned long long)x & 15)) & 15) / 4;
-        if (head > n) head = n;
-    }
-    for (long long j = threadIdx.x; j < head; j += blockDim.x) y[j] = f(j, x[j]);
-    const float4* x4 = reinterpret_cast<const float4*>(x + head);
-    float4* y4 = reinterpret_cast<float4*>(y + head);
-    long long n4 = (n - head) / 4;
-    for (long long k = threadIdx.x; k < n4; k += blockDim.x) {
-        float4 v = x4[k];
-        long long j = head + 4 * k;
-        y4[k] = make_float4(f(j, v.x), f(j + 1, v.y), f(j + 2, v.z), f(j + 3, v.w));
-    }
-    for (long long j = head + 4 * n4 + threadIdx.x; j < n; j += blockDim.x) y[j] = f(j, x[j]);
-}
-
-// Block-wide reduction of (m, s) and sum_x; every thread gets the totals.
-__device__ __forceinline__ void ce_block_reduce(float& m, float& s, double& sum_x) {
-    __shared__ float warp_m[32];
-    __shared__ float warp_s[32];
-    __shared__ double warp_sum[32];
-    for (int o = 16; o > 0; o >>= 1) {
-        float m2 = __shfl_xor_sync(CE_FULL_MASK, m, o);
-        float s2 = __shfl_xor_sync(CE_FULL_MASK, s, o);
-        sum_x += __shfl_xor_sync(CE_FULL_MASK, sum_x, o);
-        ce_merge(m, s, m2, s2);
-    }
-    int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nwarps = blockDim.x / 32;
-    if (lane == 0) {
-        warp_m[warp] = m;
-        warp_s[warp] = s;
-        warp_sum[warp] = sum_x;
-    }
-    __syncthreads();
-    m = lane < nwarps ? warp_m[lane] : CE_NEG_INF;
-    s = lane < nwarps ? warp_s[lane] : 0.0f;
-    sum_x = lane < nwarps ? warp_sum[lane] : 0.0;
-    for (int o = 16; o > 0; o >>= 1) {
-        float m2 = __shfl_xor_sync(CE_FULL_MASK, m, o);
-        float s2 = __shfl_xor_sync(CE_FULL_MASK, s, o);
-        sum_x += __shfl_xor_sync(CE_FULL_MASK, sum_x, o);
-        ce_merge(m, s, m2, s2);
-    }
+__device__ __forceinline__ RowStats shfl_xor(RowStats v, int lane_mask) {
+    return {shfl_xor(v.m, lane_mask), shfl_xor(v.s, lane_mask), shfl_xor(v.sum_x, lane_mask)};
 }
 
 extern "C" __global__ void cross_entropy_fwd_bwd(const float* logits, float* dlogits, const long long* targets,
@@ -119,14 +65,14 @@ extern "C" __global__ void cross_entropy_fwd_bwd(const float* logits, float* dlo
     bool ignored = t == ignore_index;
     bool valid = !ignored && t >= 0 && t < V;
 
-    float m = CE_NEG_INF, s = 0.0f, x_t = 0.0f;
-    double sum_x = 0.0;
-    ce_for_each(x, V, [&](long long, float v) {
-        ce_update(m, s, v);
-        sum_x += v;
-    });
+    __shared__ RowStats warp_part[32];
+    RowStats r = {NEG_INF, 0.0f, 0.0};
+    block_for_each(x, V, [&](long long, float v) { ce_update(r, v); });
+    float x_t = 0.0f;
     if (threadIdx.x == 0 && valid) x_t = x[t];  // read before the barrier: dx may alias x
-    ce_block_reduce(m, s, sum_x);
+    r = block_reduce(r, warp_part, RowStats{NEG_INF, 0.0f, 0.0}, ce_merge);
+    float m = r.m, s = r.s;
+    double sum_x = r.sum_x;
 
     float log_s = logf(s);
     float lse = m + log_s;
@@ -146,13 +92,13 @@ extern "C" __global__ void cross_entropy_fwd_bwd(const float* logits, float* dlo
     }
 
     if (!valid) {
-        ce_transform(x, dx, V, [&](long long, float) { return 0.0f; });
+        block_transform(x, dx, V, [&](long long, float) { return 0.0f; });
         return;
     }
     float inv_s = 1.0f / s;
     float p_scale = z_loss != 0.0f ? 1.0f + 2.0f * z_loss * lse : 1.0f;
     float hit = 1.0f - eps, smooth = eps / (float)V;
-    ce_transform(x, dx, V, [&](long long j, float v) {
+    block_transform(x, dx, V, [&](long long j, float v) {
         float g = expf(v - m) * inv_s * p_scale - smooth;
         if (j == t) g -= hit;
         return g * row_scale;

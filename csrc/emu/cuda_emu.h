@@ -29,7 +29,8 @@
 // -mfma, nvcc does); one warp operation in flight per warp (disjoint masks
 // running concurrently are reported as a mismatch); a stack overflow hits the
 // guard page and crashes rather than raising; __shared__ variables inside
-// template functions may escape the refill (the feasibility study saw this).
+// template functions escape the refill (so csrc/common.cuh takes its shared
+// buffers from the kernel).
 #pragma once
 
 #include <atomic>

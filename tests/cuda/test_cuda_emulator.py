@@ -199,9 +199,9 @@ def test_read_only_output_and_bad_launch_shapes_are_rejected():
 
 
 def test_ucontext_fallback_gives_identical_results():
-    from tinysft.cuda.checks import ce_input
+    from tinysft.cuda.ops.cross_entropy import make_input
 
-    x, t = ce_input(n=3, v=333, offset=1)
+    x, t = make_input(n=3, v=333, offset=1)
     outs = []
     for flags in ((), ("-DEMU_USE_UCONTEXT",)):
         kern = EmuModule(path=csrc_dir() / "cross_entropy.cu", extra_flags=flags).get_function("cross_entropy_fwd_bwd")

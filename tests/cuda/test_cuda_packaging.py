@@ -20,4 +20,14 @@ def test_pyproject_ships_csrc_and_lists_every_package():
 
 
 def test_sources_are_found():
-    assert (csrc_dir() / "cross_entropy.cu").is_file() and (csrc_dir() / "emu" / "cuda_emu.h").is_file()
+    from tinysft.cuda.ops import OPS
+
+    assert all((csrc_dir() / op.SOURCE).is_file() for op in OPS)
+    assert (csrc_dir() / "common.cuh").is_file() and (csrc_dir() / "emu" / "cuda_emu.h").is_file()
+
+
+def test_every_kernel_source_is_registered():
+    """A .cu file in csrc/ without its module in tinysft.cuda.ops.OPS would never be checked."""
+    from tinysft.cuda.ops import OPS
+
+    assert sorted(p.name for p in csrc_dir().glob("*.cu")) == sorted(op.SOURCE for op in OPS)

@@ -1,7 +1,7 @@
 """Runs the unchanged CUDA C kernels on the CPU, with an interface shaped like CuPy's.
 
 `EmuModule(path)` writes a stub that #includes `csrc/emu/cuda_emu.h` and the `.cu`
-file, compiles it with `g++ -std=c++20 -O2 -fno-weak` into a shared library cached
+file (its own headers pasted in by `tinysft.cuda.runtime.load_source`), compiles it with `g++ -std=c++20 -O2 -fno-weak` into a shared library cached
 by content hash (under `$TINYSFT_CACHE` or `~/.cache/tinysft/emu`), and
 `get_function(name)` returns a kernel called like `cupy.RawKernel`:
 
@@ -154,7 +154,10 @@ class EmuModule:
         if (code is None) == (path is None):
             raise ValueError("give exactly one of code and path")
         self.name = Path(path).name if path is not None else "<code>"
-        code = Path(path).read_text() if path is not None else code
+        if path is not None:
+            from tinysft.cuda.runtime import load_source
+
+            code = load_source(path)  # with its csrc/*.cuh headers pasted in
         self.sanitize = sanitize
         self._dll = _load(build(code, sanitize=sanitize, name=self.name, extra_flags=extra_flags), sanitize)
         self._kernels = {}

@@ -3,7 +3,7 @@
 ``clip_grad_norm_`` scales every gradient by ``min(1, c / (‖g‖ + 1e-6))`` where
 ``‖g‖`` is the norm of all gradients concatenated into one vector.
 
-Float32 CUDA gradients go to ``tinysft.cuda.kernels`` (2-norm, clamping); the
+Float32 CUDA gradients go to ``tinysft.cuda.ops.clip`` (2-norm, clamping); the
 rest use array ops. On NumPy the squared norm is summed in float64 from float32
 dots over 64K-element chunks: relative error ~1e-9, where one float32 dot over
 everything gives ~1e-4.
@@ -35,7 +35,7 @@ def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0,
         return 0.0
     norm_type = float(norm_type)
     if _use_kernels(grads) and norm_type == 2.0:
-        from ..cuda import kernels
+        from ..cuda.ops import clip as kernels
         total, nonfinite = kernels.clip_grad_norm(grads, max_norm)  # scales in place unless non-finite
         scaled = not nonfinite
     else:
@@ -57,7 +57,7 @@ def clip_grad_value_(parameters, clip_value: float) -> None:
         raise ValueError(f"clip_value must be >= 0, got {clip_value}")
     grads = _grads(parameters)
     if grads and _use_kernels(grads):
-        from ..cuda import kernels
+        from ..cuda.ops import clip as kernels
         kernels.clip_grad_value(grads, clip_value)
         return
     for g in grads:
