@@ -24,7 +24,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tinysft.data.bpe import BPETokenizer
+from tinysft.data.bpe import BPETokenizer, bytes_to_unicode
 from tinysft.io.gguf import GGUFFile
 
 tokenizers = pytest.importorskip("tokenizers")
@@ -132,6 +132,29 @@ def test_decode_inverts_encode(tok, text):
     assert tok.decode(tok.encode(text)) == text.translate({ord(c): None for c in DROPPED})
 
 
+@given(TEXT)
+def test_offsets_match_the_oracle(tok, oracles, text):
+    text = text.translate({ord(c): None for c in DROPPED})  # see test_offsets_skip_dropped_bytes
+    ids, offsets = tok.encode_with_offsets(text)
+    want = oracles["smollm"].encode(text, add_special_tokens=False)
+    assert ids == want.ids and offsets == want.offsets
+
+
+def test_offsets_skip_dropped_bytes(tok):
+    """Where BPE drops a byte inside a piece, the reference's offsets shift onto earlier characters
+    (in "\U00062538'" it gives the apostrophe the span of U+62538); here each token keeps its own."""
+    assert tok.encode_with_offsets("a\x04b") == ([tok.token_to_id("a"), tok.token_to_id("b")], [(0, 1), (2, 3)])
+    ids, offsets = tok.encode_with_offsets("\U00062538'")  # lead byte F1 has no token
+    assert tok.decode(ids) == "\ufffd" * 3 + "'" and offsets[-1] == (1, 2) and set(offsets[:-1]) == {(0, 1)}
+
+
+def test_offsets_with_bos_and_eos(metadata):
+    flagged = BPETokenizer.from_gguf_metadata({**metadata, "tokenizer.ggml.add_bos_token": True,
+                                               "tokenizer.ggml.add_eos_token": True})
+    ids, offsets = flagged.encode_with_offsets("hi")
+    assert ids == flagged.encode("hi") and offsets[0] == (0, 0) and offsets[-1] == (2, 2)
+
+
 @given(st.lists(st.integers(0, 49151), max_size=20), st.booleans())
 def test_decode_matches_the_oracle_on_any_ids(tok, oracles, ids, skip):
     ids += [1, 2] if skip else []  # make sure special tokens are in play
@@ -180,12 +203,11 @@ SYMBOLS = ["a", "b", "c", "Ġ"]
 @st.composite
 def toy_bpe(draw):
     """A vocabulary of 4 symbols and up to 12 merges of any two tokens built so far; the same
-    token may come from two different pairs ("ab"+"c" and "a"+"bc"), which exercises stale pairs."""
+    token may come from two different pairs ("ab"+"c" and "a"+"bc"), which exercises stale pairs,
+    and a merge may repeat (its last rank counts)."""
     tokens, merges = list(SYMBOLS), []
     for _ in range(draw(st.integers(0, 12))):
         left, right = draw(st.sampled_from(tokens)), draw(st.sampled_from(tokens))
-        if f"{left} {right}" in merges:
-            continue
         merges.append(f"{left} {right}")
         if left + right not in tokens:
             tokens.append(left + right)
@@ -209,6 +231,14 @@ def test_user_defined_tokens_are_matched_whole_but_not_special():
     assert ours.special_ids == {8}
     ids = ours.encode("a<x><ctl>")
     assert ours.decode(ids, skip_special_tokens=True) == "a<x>" == oracle.decode(ids, skip_special_tokens=True)
+
+
+def test_byte_alphabet_and_respelled_tokens():
+    spelling = bytes_to_unicode()
+    assert len(set(spelling.values())) == 256
+    assert (spelling[ord(" ")], spelling[ord("\n")], spelling[ord("a")], spelling[0xAD]) == ("Ġ", "Ċ", "a", "Ń")
+    ours = BPETokenizer(["€", "Ġ"], [], pre_tokenizer="gpt2")  # a normal token written outside the alphabet
+    assert ours.id_to_token(0) == "âĤ¬" and ours.decode([0, 1]) == "€ "
 
 
 def test_a_long_run_is_fast():
@@ -287,10 +317,14 @@ def test_bad_metadata_is_named(metadata):
         BPETokenizer.from_gguf_metadata({k: v for k, v in metadata.items() if k != "tokenizer.ggml.merges"})
     with pytest.raises(ValueError, match="tokenizer.ggml.tokens is a str"):
         build(**{"tokenizer.ggml.tokens": "abc"})
+    with pytest.raises(ValueError, match="token 1 is 7, not a non-empty string"):
+        build(**{"tokenizer.ggml.tokens": ["a", 7]})
+    with pytest.raises(ValueError, match="token types must be a list of integers"):
+        build(**{"tokenizer.ggml.token_type": ["x"] * 49152})
 
 
 def test_bad_text_and_ids_are_named(tok):
-    with pytest.raises(TypeError, match="encode takes a str, got bytes"):
+    with pytest.raises(TypeError, match="text must be a str, got bytes"):
         tok.encode(b"bytes")
     with pytest.raises(ValueError, match="lone surrogate"):
         tok.encode("a\ud800b")

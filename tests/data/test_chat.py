@@ -11,7 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tinysft.data.bpe import BPETokenizer
-from tinysft.data.chat import DEFAULT_SYSTEM_PROMPT, IM_END, IM_START, render_chatml, render_chatml_with_spans
+from tinysft.data.chat import (DEFAULT_SYSTEM_PROMPT, IM_END, IM_START, render_chatml, render_chatml_with_spans,
+                               tokens_in_spans)
 from tinysft.io.gguf import GGUFFile
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "smollm_tokenizer_reference.json"
@@ -38,8 +39,12 @@ def test_text_matches_apply_chat_template(chat):
     assert render_chatml(chat["messages"], chat["add_generation_prompt"]) == chat["text"]
 
 
-def test_ids_of_the_rendered_chat_match(metadata):
-    tok = BPETokenizer.from_gguf_metadata(metadata)
+@pytest.fixture(scope="module")
+def tok(metadata):
+    return BPETokenizer.from_gguf_metadata(metadata)
+
+
+def test_ids_of_the_rendered_chat_match(tok):
     for chat in CHATS:
         assert tok.encode(render_chatml(chat["messages"], chat["add_generation_prompt"])) == chat["input_ids"]
 
@@ -74,6 +79,30 @@ def test_spans_cover_each_assistant_turn(messages, add_generation_prompt):
     head = "" if first["role"] == "system" else f"{IM_START}system\n{DEFAULT_SYSTEM_PROMPT}{IM_END}\n"
     assert text.startswith(f"{head}{IM_START}{first['role']}\n{first['content']}{IM_END}\n")
     assert text.endswith(f"{last['content']}{IM_END}\n" + (f"{IM_START}assistant\n" if add_generation_prompt else ""))
+
+
+REPLY = st.lists(st.sampled_from([" ", "  ", "\n", "\t", "hi", "42", "é", "🙂", "!", "<|im_end|>", "x y"]),
+                 max_size=6).map("".join)
+CHAT = st.lists(st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant"]), "content": REPLY}),
+                min_size=1, max_size=5)
+
+
+@given(CHAT)
+def test_token_mask_keeps_each_reply_but_a_leading_whitespace_join(tok, messages):
+    text, spans = render_chatml_with_spans(messages)
+    ids, offsets = tok.encode_with_offsets(text)
+    mask = tokens_in_spans(offsets, spans)
+    assert ids == tok.encode(text)
+    replies = [m["content"] + IM_END for m in messages if m["role"] == "assistant"]
+    starts = [a for a, _ in offsets]
+    for (a, b), reply in zip(spans, replies):
+        inside = [i for i, s in enumerate(starts) if a <= s < b]
+        assert inside == list(range(inside[0], inside[-1] + 1)) and mask[inside].all()
+        kept = tok.decode([ids[i] for i in inside])
+        assert reply.endswith(kept) and kept.endswith(IM_END)
+        assert not reply[:len(reply) - len(kept)].strip(" \t\n"), "only leading whitespace may be lost"
+        if not reply[:1].isspace():
+            assert kept == reply
 
 
 def test_bad_messages_are_named():

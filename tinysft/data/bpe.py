@@ -45,11 +45,20 @@ Python 3.11), the reference's from its Rust/Oniguruma tables (a newer Unicode). 
 assigned after Unicode 14.0 are unassigned (class `o`) here, so text using them may split
 differently; every character assigned in 14.0 agrees, as far as the tests have seen.
 
+`encode_with_offsets` also gives each token's character span in the text (a token holding part
+of a character's bytes covers the whole character); `chat.tokens_in_spans` turns the assistant
+spans of a rendered chat into a loss mask with it.
+
     >>> tok = BPETokenizer.from_gguf(path)                       # SmolLM2-135M-Instruct.Q4_1.gguf
     >>> tok.encode("Hello world!")
     [19556, 905, 17]
+    >>> tok.encode_with_offsets("Hello world!")[1]
+    [(0, 5), (5, 11), (11, 12)]
     >>> tok.decode(tok.encode("<|im_start|>user\\nhi<|im_end|>"))
     '<|im_start|>user\\nhi<|im_end|>'
+    >>> tok.encode_batch(["Hello world!", "hi"], padding_side="left")["attention_mask"]
+    array([[1, 1, 1],
+           [0, 0, 1]])
 """
 
 from __future__ import annotations
@@ -66,7 +75,6 @@ import numpy as np
 __all__ = ["BPETokenizer", "bytes_to_unicode"]
 
 CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types that are matched whole in the text
-PRE_TOKENIZERS = ("smollm", "gpt2")
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -79,7 +87,8 @@ def bytes_to_unicode() -> dict[int, str]:
 
 
 _BYTE_TO_CHAR = bytes_to_unicode()
-_CHAR_TO_BYTE = {c: b for b, c in _BYTE_TO_CHAR.items()}
+_UNSPELL = {ord(c): b for b, c in _BYTE_TO_CHAR.items()}  # str.translate: byte character -> latin-1 code point
+_ERASE_ALPHABET = dict.fromkeys(_UNSPELL)  # str.translate: what is left is outside the byte alphabet
 
 _WHITE_SPACE = frozenset(map(chr, [*range(0x09, 0x0E), 0x20, 0x85, 0xA0, 0x1680, *range(0x2000, 0x200B),
                                    0x2028, 0x2029, 0x202F, 0x205F, 0x3000]))
@@ -107,6 +116,7 @@ _SPLIT = {  # P over the class alphabet; see the module docstring
     "gpt2": re.compile(_CONTRACTIONS + r"| ?[Lstrevmld]+| ?N+| ?[o']+|[ w]+(?![^ w])|[ w]+"),
     "smollm": re.compile(_CONTRACTIONS + r"| ?[Lstrevmld]+|N| ?[o']+|[ w]+(?![^ wN])|[ w]+"),
 }
+PRE_TOKENIZERS = tuple(_SPLIT)
 
 
 class BPETokenizer:
@@ -124,19 +134,23 @@ class BPETokenizer:
         def error(msg: str) -> ValueError:
             return ValueError(f"{source}: {msg}")
 
-        if pre_tokenizer not in _SPLIT:
+        if not isinstance(pre_tokenizer, str) or pre_tokenizer not in _SPLIT:
             raise error(f"pre-tokenizer {pre_tokenizer!r} is not supported (supported: {', '.join(PRE_TOKENIZERS)})")
         tokens = list(tokens)
-        types = [1] * len(tokens) if token_types is None else [int(t) for t in token_types]
+        for i, token in enumerate(tokens):
+            if not isinstance(token, str) or not token:
+                raise error(f"token {i} is {token!r}, not a non-empty string")
+        try:
+            types = [1] * len(tokens) if token_types is None else [int(t) for t in token_types]
+        except (TypeError, ValueError):
+            raise error("token types must be a list of integers") from None
         if len(types) != len(tokens):
             raise error(f"{len(types)} token types for {len(tokens)} tokens")
         added = {t for t, kind in zip(tokens, types) if kind in (CONTROL, USER_DEFINED)}
         # A normal token outside the byte alphabet is respelled from its UTF-8 bytes (as transformers does).
-        spelled = [t if t in added or all(c in _CHAR_TO_BYTE for c in t) else _spell(t) for t in tokens]
+        spelled = [t if t in added or not t.translate(_ERASE_ALPHABET) else _spell(t) for t in tokens]
         self._vocab = {}
         for i, token in enumerate(spelled):
-            if not isinstance(token, str) or not token:
-                raise error(f"token {i} is {token!r}, not a non-empty string")
             if self._vocab.setdefault(token, i) != i:
                 raise error(f"token {token!r} appears twice (ids {self._vocab[token]} and {i})")
         self._tokens = spelled
@@ -148,7 +162,7 @@ class BPETokenizer:
             ids = [self._vocab.get(p) for p in (*parts, parts[0] + parts[1])]
             if None in ids:
                 raise error(f"merge {rank} ({merge!r}) names a token that is not in the vocabulary")
-            self._merges.setdefault((ids[0], ids[1]), (rank, ids[2]))
+            self._merges[ids[0], ids[1]] = (rank, ids[2])  # a repeated merge keeps its last rank, as in HF and GPT-2
         for name, value in (("bos", bos_id), ("eos", eos_id), ("pad", pad_id), ("unk", unk_id)):
             if value is not None and not (isinstance(value, (int, np.integer)) and 0 <= value < len(tokens)):
                 raise error(f"{name} id {value!r} is not an id of the {len(tokens)}-token vocabulary")
@@ -163,7 +177,8 @@ class BPETokenizer:
         self._added_re = (re.compile("|".join(map(re.escape, sorted(added, key=len, reverse=True))))
                           if added else None)
         # Bytes each id decodes to: added tokens as written, the rest through the byte alphabet.
-        self._bytes = [t.encode("utf-8") if t in added else bytes(_CHAR_TO_BYTE[c] for c in t) for t in spelled]
+        self._bytes = [t.encode("utf-8") if t in added else t.translate(_UNSPELL).encode("latin-1") for t in spelled]
+        self._dropped = frozenset(b for b, c in _BYTE_TO_CHAR.items() if c not in self._vocab)
         self._bpe = functools.lru_cache(maxsize=1 << 16)(self._bpe_uncached)
 
     @classmethod
@@ -225,8 +240,8 @@ class BPETokenizer:
     # ------------------------------------------------------------------ text -> ids
 
     def pre_tokenize(self, text: str) -> list[str]:
-        """Step 2 on text without added tokens: the pieces BPE sees, before byte spelling."""
-        return [text[m.start():m.end()] for m in self._split.finditer(text.translate(_CLASSES))]
+        """Step 2 alone (added tokens are not looked for): the pieces BPE sees, before byte spelling."""
+        return [text[start:end] for start, end, _ in self._pieces(text, parse_special=False)]
 
     def _bpe_uncached(self, piece: str) -> tuple[int, ...]:
         """Steps 3-4 for one piece: (rank, position)-ordered merges over a linked list of symbols."""
@@ -255,6 +270,21 @@ class BPETokenizer:
                 heapq.heappush(heap, (m[0], pos, m[1]))
         return tuple(i for i in ids if i is not None)
 
+    def _pieces(self, text: str, parse_special: bool):
+        """Steps 1-2: `(start, end, id)` for each added token in `text`, `(start, end, None)` for each
+        piece between them, in order."""
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        start = 0
+        matches = self._added_re.finditer(text) if parse_special and self._added_re is not None else ()
+        for m in [*matches, None]:
+            end = len(text) if m is None else m.start()
+            for p in self._split.finditer(text[start:end].translate(_CLASSES)):
+                yield start + p.start(), start + p.end(), None
+            if m is not None:
+                yield m.start(), m.end(), self._vocab[m.group()]
+                start = m.end()
+
     def encode(self, text: str, add_special_tokens: bool = True, parse_special: bool = True) -> list[int]:
         """Token ids of `text`.
 
@@ -262,23 +292,46 @@ class BPETokenizer:
         (`add_bos_token`, `add_eos_token`; SmolLM2 asks for neither). parse_special=False reads
         `<|im_end|>` and the other added tokens in the text as plain characters (for untrusted text).
         """
-        if not isinstance(text, str):
-            raise TypeError(f"encode takes a str, got {type(text).__name__}")
         ids = [self.bos_id] if add_special_tokens and self.add_bos else []
-        start = 0
-        matches = self._added_re.finditer(text) if parse_special and self._added_re is not None else ()
-        for m in matches:
-            self._encode_plain(text[start:m.start()], ids)
-            ids.append(self._vocab[m.group()])
-            start = m.end()
-        self._encode_plain(text[start:], ids)
+        for start, end, added in self._pieces(text, parse_special):
+            if added is None:
+                ids.extend(self._bpe(text[start:end]))
+            else:
+                ids.append(added)
         if add_special_tokens and self.add_eos:
             ids.append(self.eos_id)
         return ids
 
-    def _encode_plain(self, text: str, out: list[int]) -> None:
-        for piece in self.pre_tokenize(text):
-            out.extend(self._bpe(piece))
+    def encode_with_offsets(self, text: str, add_special_tokens: bool = True,
+                            parse_special: bool = True) -> tuple[list[int], list[tuple[int, int]]]:
+        """`(ids, offsets)`: `encode`'s ids and, per token, the `(start, end)` characters of `text` it
+        covers. A token holding part of a character's bytes covers the whole character (so tokens
+        of one emoji may share a span); bos/eos added here cover `(0, 0)` and `(len, len)`."""
+        ids, offsets = [], []
+        if add_special_tokens and self.add_bos:
+            ids.append(self.bos_id)
+            offsets.append((0, 0))
+        for start, end, added in self._pieces(text, parse_special):
+            if added is not None:
+                ids.append(added)
+                offsets.append((start, end))
+                continue
+            piece = text[start:end]
+            tokens = self._bpe(piece)  # rejects lone surrogates before the encode below
+            data = piece.encode("utf-8")
+            owner = [start + i for i, c in enumerate(piece) for _ in c.encode("utf-8")]  # byte -> its character
+            pos = 0
+            for token in tokens:
+                while data[pos] in self._dropped:  # bytes BPE dropped cover no token
+                    pos += 1
+                n = len(self._bytes[token])
+                ids.append(token)
+                offsets.append((owner[pos], owner[pos + n - 1] + 1))
+                pos += n
+        if add_special_tokens and self.add_eos:
+            ids.append(self.eos_id)
+            offsets.append((len(text), len(text)))
+        return ids, offsets
 
     def encode_batch(self, texts: Sequence[str], max_length: int | None = None, padding: bool | str = True,
                      truncation: bool = False, padding_side: str = "right",

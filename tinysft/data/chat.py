@@ -12,7 +12,17 @@ after the first is rendered like any other turn.
 
 `render_chatml_with_spans` also gives, for each assistant turn, the character span of its
 content plus its closing `<|im_end|>` (not the newline after it): the tokens an assistant-only
-loss is taken on.
+loss is taken on. `tokens_in_spans` turns those spans into a token mask, given the character
+offsets of each token (`BPETokenizer.encode_with_offsets`):
+
+    >>> text, spans = render_chatml_with_spans(messages)
+    >>> ids, offsets = tokenizer.encode_with_offsets(text)
+    >>> loss_mask = tokens_in_spans(offsets, spans)           # (T,) bool
+
+A token is in when its first character is. The only token that can straddle a span's start is
+whitespace: the newline closing `<|im_start|>assistant\n` joins the reply's leading whitespace
+when the reply starts with two or more whitespace characters ("\n  hi" is one piece), and that
+token stays out. Nothing straddles a span's end, which is the `<|im_end|>` token.
 
     >>> render_chatml([{"role": "user", "content": "Hi"}], add_generation_prompt=True)
     '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\\n<|im_start|>user\\nHi<|im_end|>\\n<|im_start|>assistant\\n'
@@ -22,7 +32,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-__all__ = ["ROLES", "DEFAULT_SYSTEM_PROMPT", "IM_START", "IM_END", "render_chatml", "render_chatml_with_spans"]
+import numpy as np
+
+__all__ = ["ROLES", "DEFAULT_SYSTEM_PROMPT", "IM_START", "IM_END", "render_chatml", "render_chatml_with_spans",
+           "tokens_in_spans"]
 
 ROLES = ("system", "user", "assistant")
 DEFAULT_SYSTEM_PROMPT = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
@@ -63,6 +76,15 @@ def render_chatml_with_spans(messages: Sequence[Mapping[str, str]],
     if add_generation_prompt:
         write(f"{IM_START}assistant\n")
     return "".join(parts), spans
+
+
+def tokens_in_spans(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]]) -> np.ndarray:
+    """(T,) bool: token t is in when its first character offsets[t][0] lies in some span [start, end)."""
+    starts = np.array([start for start, _ in offsets], dtype=np.int64)  # (T,)
+    mask = np.zeros(len(starts), dtype=bool)
+    for start, end in spans:
+        mask |= (starts >= start) & (starts < end)
+    return mask
 
 
 def _check_message(i: int, message) -> None:
