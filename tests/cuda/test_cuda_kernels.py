@@ -132,3 +132,12 @@ def test_nonfinite_norm_leaves_gradients_untouched():
     g = np.array([1.0, np.inf, 3.0], np.float32)
     norm, nonfinite = clip_grad_norm([g], 1.0)
     assert nonfinite and norm == np.inf and np.array_equal(g, [1.0, np.inf, 3.0])
+
+
+@pytest.mark.parametrize("name", ["tinysft.cuda", "tinysft.cuda.ops.cross_entropy", "tinysft.cuda.ops.clip"])
+def test_docstring_examples_run(name):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(name), report=False)
+    assert result.attempted > 0 and result.failed == 0, f"{result.failed} of {result.attempted} examples failed"
