@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import functional as F
-from ..tensor import Tensor, no_grad
+from ..tensor import Tensor
 from .layers import Dropout, Linear
 from .module import Module
 
@@ -101,7 +101,8 @@ class LoRALinear(Module):
         return self.scaling * (b @ a)
 
     def merge(self):
-        """W ← W + s·BA (in place; the forward then skips the adapter). A no-op when merged.
+        """W ← W + s·BA (in place; the forward then skips the adapter, so A and B get no gradient
+        until ``unmerge``). A no-op when merged.
 
         W and W + s·BA are rounded once each to the weight's dtype, so ``unmerge``
         restores W within one rounding of the merged value: elementwise
@@ -242,10 +243,10 @@ def unmerge_lora(model: Module) -> Module:
 
 def merge_and_unload(model: Module) -> Module:
     """Merge every adapter and put the plain base Linear back in its place: the model is then
-    an ordinary one holding W + s·BA (to save or export), with the adapters gone. In place."""
-    with no_grad():
-        for name, layer in lora_layers(model):
-            layer.merge()
-            parent_name, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), leaf, layer.base_layer)
+    an ordinary one holding W + s·BA under the base's names (to save or export), with the
+    adapters gone. In place; the weights stay frozen (``model.unfreeze()`` to train them)."""
+    for name, layer in lora_layers(model):
+        layer.merge()
+        parent_name, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), leaf, layer.base_layer)
     return model
