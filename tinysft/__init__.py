@@ -1,4 +1,11 @@
-"""tinysft: a from-scratch autograd engine for supervised fine-tuning."""
+"""tinysft: a from-scratch autograd engine for supervised fine-tuning.
+
+The root package is the engine: ``tensor`` (Tensor, autograd, the primitives and
+the op-definition API), ``functional`` (the fused composites), ``special``,
+``backend``, ``rng`` and ``gradcheck``. The libraries built on it are the
+subpackages ``nn``, ``optim``, ``models``, ``finetune``, ``data``, ``io``,
+``cuda`` and ``verify``; the ``tinysft`` command is ``tinysft.app``.
+"""
 from . import functional
 from .backend import DeviceError, cuda_available
 from .gradcheck import GradcheckError, gradcheck
