@@ -1,16 +1,19 @@
 """Cross-entropy forward + backward against PyTorch CPU's F.cross_entropy, in the same run.
 
     python3 benchmarks/bench_cross_entropy.py       # BENCH_THREADS=1 to pin one thread
-    python3 benchmarks/bench_cross_entropy.py --ref 511f5b4   # also time functional.py as of a git commit
+    python3 benchmarks/bench_cross_entropy.py --ref 511f5b4   # also time the engine as of a git commit
 
 float32 logits [N, C] (BERT's 30522-word vocabulary, ImageNet's 1000 classes, GPT-2's 50257,
 and a small-class case), random targets, mean reduction; the logits' gradient is cleared
 between calls in both libraries. Each case first checks that the two agree.
 """
 import argparse
-import importlib.util
+import importlib
+import io
 import os
 import subprocess
+import sys
+import tarfile
 import tempfile
 
 import _timing  # first: pins BLAS threads before NumPy loads
@@ -23,18 +26,20 @@ torch = _timing.load_torch()
 CASES = [(512, 30522), (4096, 1000), (64, 50257), (8192, 32)]
 
 
-def functional_at(ref):
-    """tinysft/functional.py as of git commit ``ref``, loaded beside the current package."""
+def engine_at(ref):
+    """The tinysft package as of git commit ``ref``, imported beside the current one as
+    ``tinysft_at_<ref>`` (the engine's modules import each other relatively, so the renamed
+    copy is self-contained: its Tensor, its functional, its backend)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    source = subprocess.run(["git", "show", f"{ref}:tinysft/functional.py"], cwd=root, check=True,
-                            capture_output=True, text=True).stdout
-    path = os.path.join(tempfile.mkdtemp(), "functional.py")
-    with open(path, "w") as f:
-        f.write(source)
-    spec = importlib.util.spec_from_file_location(f"tinysft.functional_at_{ref}", path)  # relative imports work
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    archive = subprocess.run(["git", "archive", "--format=tar", ref, "tinysft"], cwd=root, check=True,
+                             capture_output=True).stdout
+    folder = tempfile.mkdtemp()
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(folder, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))  # 3.11.4+
+    name = f"tinysft_at_{ref}"
+    os.rename(os.path.join(folder, "tinysft"), os.path.join(folder, name))
+    sys.path.insert(0, folder)
+    return importlib.import_module(name)
 
 
 def bench(rows, classes, repeats=15, old=None, ref=None):
@@ -62,9 +67,11 @@ def bench(rows, classes, repeats=15, old=None, ref=None):
     ours_s, theirs_s = _timing.compare(ours, torch_step, repeats=repeats)
     _timing.row(f"cross_entropy {rows}x{classes} fwd+bwd", ours_s, theirs_s)
     if old is not None:
+        old_x, old_y = old.tensor(logits, requires_grad=True), old.tensor(target)
+
         def old_step():
-            x.grad = None
-            old.cross_entropy(x, y).backward()
+            old_x.grad = None
+            old.functional.cross_entropy(old_x, old_y).backward()
 
         old_s, now_s = _timing.compare(old_step, ours, repeats=repeats)
         print(f"{'':<40} as of {ref}: {old_s * 1e3:.3f} ms, now {now_s * 1e3:.3f} ms ({old_s / now_s:.2f}x faster)")
@@ -72,9 +79,9 @@ def bench(rows, classes, repeats=15, old=None, ref=None):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--ref", help="also time tinysft/functional.py as of this git commit")
+    parser.add_argument("--ref", help="also time the engine (tensor.py, functional.py, ...) as of this git commit")
     args = parser.parse_args()
     _timing.header("bench_cross_entropy: tinysft vs PyTorch CPU (ratio = tinysft time / torch time)", torch)
-    old = functional_at(args.ref) if args.ref else None
+    old = engine_at(args.ref) if args.ref else None
     for rows, classes in CASES:
         bench(rows, classes, old=old, ref=args.ref)
