@@ -12,8 +12,10 @@ own exception, naming the file.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 U8, U16, U32, U64 = (struct.Struct(f) for f in ("<B", "<H", "<I", "<Q"))
 INT64_MAX = 2**63 - 1
@@ -56,6 +58,23 @@ class Cursor:
         return values
 
 
+@contextlib.contextmanager
+def paused_gc() -> Iterator[None]:
+    """Pause the cycle collector while a header's objects are built.
+
+    A parsed header holds no reference cycles, but creating many containers triggers
+    collections that rescan the growing heap; for a header of 40,000 tensors that is about a
+    third of the parse time.
+    """
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if collecting:
+            gc.enable()
+
+
 def checked_size(dims: Iterable[int], limit: int, error: Callable[[str], Exception], what: str) -> int:
     """Number of elements of a shape of non-negative `dims`; raise `error` when the product of its
     non-zero dims exceeds `limit`.
@@ -73,17 +92,30 @@ def checked_size(dims: Iterable[int], limit: int, error: Callable[[str], Excepti
     return 0 if 0 in dims else n
 
 
-def check_disjoint(regions: Iterable[tuple[int, int, str]], error: Callable[[str], Exception]) -> list:
-    """Sort byte regions `(begin, end, name)` and raise `error` if two non-empty ones overlap.
+def check_layout(regions: Iterable[tuple[int, int, str]], error: Callable[[str], Exception],
+                 cover: int | None = None) -> list:
+    """Check byte regions `(begin, end, name)` of a data section; return them sorted by (begin, end).
 
-    O(n log n) in the number of regions. Returns them sorted by (begin, end).
+    Without `cover`, non-empty regions must not overlap (empty ones may sit anywhere). With
+    `cover=n` they must tile [0, n) exactly: in sorted order each region begins where the one
+    before it ended, so there is no hole, no overlap and no byte after the last one.
+    O(n log n) in the number of regions.
     """
     ordered = sorted(regions, key=lambda r: (r[0], r[1]))
-    reach, owner = 0, None  # the furthest end seen so far, and its region
+    reach, owner = 0, None  # where the regions so far end, and the region that ends there
     for r in ordered:
         begin, end, name = r
-        if begin < end:
-            if begin < reach:
-                raise error(f"{name!r}: bytes [{begin}, {end}) overlap {owner[2]!r} at [{owner[0]}, {owner[1]})")
+        if end < begin:
+            raise error(f"{name!r}: bytes [{begin}, {end}) end before they begin")
+        if begin < reach and (begin < end or cover is not None):
+            raise error(f"{name!r}: bytes [{begin}, {end}) overlap {owner[2]!r} at [{owner[0]}, {owner[1]})")
+        if cover is not None and begin > reach:
+            after = f"the end of {owner[2]!r} at {reach}" if owner else "the start of the data"
+            raise error(f"{name!r}: bytes [{begin}, {end}) leave a hole of {begin - reach} bytes after {after}")
+        if end >= reach:
             reach, owner = end, r
+    if cover is not None and reach != cover:
+        after = f"the end of {owner[2]!r}" if owner else "the start of the data"
+        raise error(f"{cover - reach} bytes after {after} belong to no region (the data buffer has {cover})"
+                    if reach < cover else f"{owner[2]!r} ends at byte {reach}, outside the data buffer of {cover} bytes")
     return ordered

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from tinysft.io.atomic import atomic_open
-from tinysft.io.bounds import INT64_MAX, U32, U64, Cursor, check_disjoint, checked_size
+from tinysft.io.bounds import INT64_MAX, U32, U64, Cursor, check_layout, checked_size, paused_gc
 from tinysft.io.safetensors import float32_to_bf16_bits
 
 __all__ = ["GGUFError", "GGUFTensorInfo", "GGUFFile", "write_gguf", "GGML_TYPES"]
@@ -159,7 +159,8 @@ class GGUFFile:
     def _parse(self, size: int) -> None:
         cur = Cursor(self._map, self._error)
         try:
-            self._parse_header(cur, size)
+            with paused_gc():
+                self._parse_header(cur, size)
         finally:
             cur.buf.release()  # no view of the map may outlive parsing, or close() could not unmap
 
@@ -226,7 +227,7 @@ class GGUFFile:
                 raise self._error(f"{where}: data [{data_start + rel}, {data_start + rel + nbytes}) lies outside "
                                   f"the file ({size} bytes)")
             self._infos[name] = GGUFTensorInfo(name, tuple(reversed(dims)), tname, data_start + rel, nbytes)
-        check_disjoint(((t.offset, t.offset + t.nbytes, t.name) for t in self._infos.values()),
+        check_layout(((t.offset, t.offset + t.nbytes, t.name) for t in self._infos.values()),
                        lambda msg: self._error(f"overlapping tensor data: {msg}"))
         self.tensor_names = [name for name, *_ in entries]
         self.data_offset = data_start

@@ -3,7 +3,11 @@
 Layout: an 8-byte little-endian u64 header length N, then N bytes of JSON
 `{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {str: str}}`,
 then the raw little-endian tensor buffer; offsets are relative to the buffer start.
-The reader validates the whole header before it touches any tensor data.
+The reader validates the whole header before it touches any tensor data, in time linear in
+its size, and accepts exactly the files the reference `safetensors` package accepts and NumPy
+can hold, with one deliberate difference: a duplicate key, which the format forbids but the
+reference reader lets the last copy win, is rejected. The tensors must tile the buffer exactly
+(no hole, no overlap, no trailing byte). Every failure is a `SafetensorsError` naming the file.
 
     >>> save_file({"w": np.ones((2, 3), np.float32)}, "model.safetensors", metadata={"step": "10"})
     >>> load_file("model.safetensors")["w"].shape
@@ -18,10 +22,10 @@ float32); `save_file(..., dtypes={"w": "BF16"})` rounds float32 to BF16 to neare
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import os
+import re
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -29,6 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from tinysft.io.atomic import atomic_open
+from tinysft.io.bounds import INT64_MAX, check_layout, checked_size, paused_gc
 
 __all__ = ["SafetensorsError", "TensorInfo", "SafetensorsFile", "load_file", "save_file"]
 
@@ -36,10 +41,19 @@ __all__ = ["SafetensorsError", "TensorInfo", "SafetensorsFile", "load_file", "sa
 DTYPES = {
     "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2"),
     "I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "I16": np.dtype("<i2"), "I8": np.dtype("i1"),
-    "U8": np.dtype("u1"), "BOOL": np.dtype("?"),
+    "U64": np.dtype("<u8"), "U32": np.dtype("<u4"), "U16": np.dtype("<u2"), "U8": np.dtype("u1"),
+    "BOOL": np.dtype("?"), "C64": np.dtype("<c8"),
 }
+# Valid in the format but with no NumPy type (sub-byte and 8-bit floats): rejected with their own message.
+NON_NUMPY_DTYPES = {"F4", "F6_E2M3", "F6_E3M2", "F8_E5M2", "F8_E4M3", "F8_E8M0", "F8_E4M3FNUZ", "F8_E5M2FNUZ"}
 _FROM_NUMPY = {np.dtype(v).newbyteorder("="): k for k, v in DTYPES.items() if k != "BF16"}
+_ITEMSIZE = {k: v.itemsize for k, v in DTYPES.items()}
+# NumPy caps an array's byte count (zero dims aside) at 2**63 - 1; BF16 is returned as float32.
+_MAX_ELEMENTS = {k: INT64_MAX // (4 if k == "BF16" else v) for k, v in _ITEMSIZE.items()}
 MAX_HEADER_BYTES = 100_000_000  # same cap as the reference implementation
+JSON_MAX_DEPTH = 127  # nesting the reference reader's JSON parser (serde_json) allows
+NUMPY_MAX_DIMS = 64
+U64_MAX = 2**64 - 1
 
 
 class SafetensorsError(ValueError):
@@ -58,59 +72,138 @@ class TensorInfo:
 
 
 # --------------------------------------------------------------------------- reading
+# The header is JSON as the reference reader (Rust serde_json) reads it. Python's json module is
+# more lenient in five ways, each closed here: NaN/Infinity literals, numbers beyond float range,
+# lone UTF-16 surrogate escapes, nesting deeper than serde's limit (and Python's RecursionError),
+# and integers serde reads as floats (negative ones, -0, beyond u64) that must not pass as sizes.
+# Duplicate keys, which the format forbids, are rejected in every object.
 
 
-def _no_duplicate_keys(pairs):
-    keys = [k for k, _ in pairs]
-    dup = {k for k in keys if keys.count(k) > 1}
-    if dup:
-        raise SafetensorsError(f"duplicate keys {sorted(dup)}")
-    return dict(pairs)
+class _Reject(Exception):
+    """Raised from inside json.loads by the hooks below."""
+
+
+def _json_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise _Reject(f"number {text[:30]!r} is out of range")
+    return value
+
+
+def _json_int(text: str) -> int | float:
+    """Non-negative integers up to 2**64 - 1 stay int (what a size may be); others become float."""
+    if text[0] != "-" and (len(text) < 20 or len(text) == 20 and int(text) <= U64_MAX):
+        return int(text)
+    return _json_float(text)
+
+
+def _json_constant(text: str):
+    raise _Reject(f"{text} is not valid JSON")
+
+
+def _json_object(pairs: list) -> dict:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise _Reject(f"duplicate key {dup!r}")
+    return obj
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _load_json(text: str):
+    try:
+        obj = json.loads(text, object_pairs_hook=_json_object, parse_int=_json_int, parse_float=_json_float,
+                         parse_constant=_json_constant)
+    except RecursionError:
+        raise _Reject(f"JSON nested deeper than {JSON_MAX_DEPTH}") from None
+    if _SURROGATE_ESCAPE.search(text):  # rare: only then look for a lone surrogate among the strings
+        try:
+            json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise _Reject("a \\u escape is a lone UTF-16 surrogate") from None
+    return obj
+
+
+def _depth(value) -> int:
+    """Nesting depth of a parsed JSON value (a scalar is 0, [] is 1), without recursion."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, (list, dict)):
+            deepest = max(deepest, d + 1)
+            stack.extend((c, d + 1) for c in (v.values() if isinstance(v, dict) else v))
+    return deepest
+
+
+def _dtype_name(dtype) -> str | None:
+    """A dtype is a string or, as serde also reads enums, an object {"NAME": null}."""
+    if isinstance(dtype, str):
+        return dtype
+    if isinstance(dtype, dict) and len(dtype) == 1:
+        (name, unit), = dtype.items()
+        return name if unit is None else None
+    return None
 
 
 def _parse_header(raw: bytes, buffer_size: int, path: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """Validate a header and return ({name: TensorInfo}, metadata); raise SafetensorsError."""
+    """Validate a header and return ({name: TensorInfo}, metadata); raise SafetensorsError.
+
+    Accepts exactly what the reference reader accepts and NumPy can represent, except duplicate
+    keys. A tensor entry is an object with dtype, shape and data_offsets (other keys are ignored)
+    or the list [dtype, shape, data_offsets]; the tensors must tile the data buffer exactly.
+    """
 
     def fail(msg: str, name: str | None = None):
         where = f"{path}: tensor {name!r}: " if name is not None else f"{path}: "
-        raise SafetensorsError(where + msg)
+        return SafetensorsError(where + msg)
 
     try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
-    except (UnicodeDecodeError, json.JSONDecodeError, SafetensorsError) as e:
-        fail(f"invalid JSON header: {e}")
+        header = _load_json(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, _Reject) as e:
+        raise fail(f"invalid JSON header: {e}") from None
     if not isinstance(header, dict):
-        fail(f"invalid header: expected a JSON object, got {type(header).__name__}")
+        raise fail(f"invalid header: expected a JSON object, got {type(header).__name__}")
 
-    metadata = header.pop("__metadata__", {})
-    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
-        fail("invalid __metadata__: expected an object mapping strings to strings")
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise fail("invalid __metadata__: expected an object mapping strings to strings")
 
     infos = {}
     for name, entry in header.items():
-        if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
-            fail("entry must be an object with exactly the keys dtype, shape, data_offsets", name)
-        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        try:
+            if isinstance(entry, list) and len(entry) == 3:
+                dtype, shape, offsets = entry
+            else:
+                dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        except (KeyError, TypeError):
+            raise fail("entry must be an object with the keys dtype, shape, data_offsets "
+                       "(or the list [dtype, shape, data_offsets])", name) from None
+        if len(entry) > 3 and 2 + max(_depth(v) for v in entry.values()) > JSON_MAX_DEPTH:
+            raise fail(f"an ignored field nests JSON deeper than {JSON_MAX_DEPTH}", name)
+        dtype, given = _dtype_name(dtype), dtype
         if dtype not in DTYPES:
-            fail(f"unknown dtype {dtype!r} (known: {', '.join(DTYPES)})", name)
-        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-            fail(f"shape must be a list of non-negative integers, got {shape!r}", name)
+            why = "has no NumPy type" if dtype in NON_NUMPY_DTYPES else "is unknown"
+            raise fail(f"dtype {given!r} {why} (supported: {', '.join(DTYPES)})", name)
+        if not isinstance(shape, list) or not all(type(d) is int for d in shape):
+            raise fail(f"shape must be a list of non-negative integers, got {shape!r}", name)
+        if len(shape) > NUMPY_MAX_DIMS:
+            raise fail(f"shape has {len(shape)} dims (NumPy allows {NUMPY_MAX_DIMS})", name)
+        n = checked_size(shape, _MAX_ELEMENTS[dtype], lambda m: fail(m, name), "too large for NumPy")
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
-            fail(f"data_offsets must be a list of two integers, got {offsets!r}", name)
+            raise fail(f"data_offsets must be a list of two non-negative integers, got {offsets!r}", name)
         begin, end = offsets
-        if not 0 <= begin <= end <= buffer_size:
-            fail(f"data_offsets [{begin}, {end}] lie outside the data buffer of {buffer_size} bytes", name)
-        expected = math.prod(shape) * DTYPES[dtype].itemsize
-        if end - begin != expected:
-            fail(f"size mismatch: shape {shape} of {dtype} needs {expected} bytes but data_offsets "
-                 f"[{begin}, {end}] span {end - begin}", name)
+        if end - begin != n * _ITEMSIZE[dtype]:
+            raise fail(f"size mismatch: shape {shape} of {dtype} needs {n * _ITEMSIZE[dtype]} bytes but "
+                       f"data_offsets [{begin}, {end}] span {end - begin}", name)
         infos[name] = TensorInfo(name, dtype, tuple(shape), begin, end)
 
-    ordered = sorted(infos.values(), key=lambda t: (t.begin, t.end))
-    for prev, cur in itertools.pairwise(ordered):
-        if cur.begin < prev.end:
-            fail(f"data_offsets [{cur.begin}, {cur.end}] overlap tensor {prev.name!r} "
-                 f"at [{prev.begin}, {prev.end}]", cur.name)
+    check_layout(((t.begin, t.end, t.name) for t in infos.values()),
+                 lambda m: fail(f"data_offsets do not tile the data buffer: {m}"), cover=buffer_size)
     return infos, metadata
 
 
@@ -151,7 +244,8 @@ class SafetensorsFile:
             raise SafetensorsError(f"{self.path}: header length {n} runs past the end of the file ({size} bytes)")
         if n > MAX_HEADER_BYTES:
             raise SafetensorsError(f"{self.path}: header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit")
-        infos, metadata = _parse_header(self._file.read(n), size - 8 - n, self.path)
+        with paused_gc():
+            infos, metadata = _parse_header(self._file.read(n), size - 8 - n, self.path)
         return infos, metadata, 8 + n, size - 8 - n
 
     def keys(self) -> list[str]:
