@@ -216,6 +216,14 @@ def test_weight_decay_split_and_unknown_strategy():
         prepare(model, "everything")
 
 
+def test_an_option_of_another_strategy_is_refused_by_name():
+    model = tiny_bert()
+    with pytest.raises(TypeError, match=r"'full' takes no option decay \(its options: none\)"):
+        prepare(model, "full", lr=LR, decay=0.9)
+    with pytest.raises(TypeError, match=r"no option fisher_loader \(its options: decay, gradual_unfreeze, unfreeze_every\)"):
+        prepare(model, "layerwise", lr=LR, fisher_loader=[])
+
+
 def test_fisher_pass_leaves_a_shared_training_loader_in_place():
     model = tiny_bert()
     train = loader(token_data(), 4, shuffle=True)
