@@ -18,7 +18,9 @@ import json
 import tomllib
 from dataclasses import dataclass, field, fields
 
+from ..backend import DEVICES
 from ..finetune.strategies import STRATEGIES
+from ..nn import POOLINGS
 from ..optim import OPTIMIZERS
 from ..optim.regularization import PENALTIES as _PENALTY_KINDS
 from ..optim.schedules import SCHEDULES
@@ -58,20 +60,20 @@ class RunConfig:
     penalty: str = field(default="none", metadata={"help": "one of " + ", ".join(PENALTIES)})
     penalty_lambda: float = field(default=0.0, metadata={"help": "strength λ of the penalty"})
     dropout: float = field(default=0.1, metadata={"help": "dropout before the head"})
-    pooling: str = field(default="mean", metadata={"help": "'mean' or 'cls'"})
+    pooling: str = field(default="mean", metadata={"help": "one of " + ", ".join(POOLINGS)})
     patience: int = field(default=2, metadata={"help": "early stopping: epochs without improvement (0 = off)"})
     min_delta: float = field(default=0.0, metadata={"help": "early stopping: smallest improvement that counts"})
     gradual_unfreeze: bool = field(default=False, metadata={"help": "layerwise: start with the head alone and unfreeze "
                                                                      "one more layer group from the top each epoch"})
     checkpoint_every: int = field(default=0, metadata={"help": "write a resumable checkpoint every N steps (0 = off)"})
     seed: int = field(default=0, metadata={"help": "seed for splits, shuffling, dropout and the head"})
-    device: str = field(default="cpu", metadata={"help": "'cpu' or 'cuda'"})
+    device: str = field(default="cpu", metadata={"help": "one of " + ", ".join(DEVICES)})
     out: str = field(default="runs/latest", metadata={"help": "run folder for config, metrics, checkpoint, plots"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
     def validate(self) -> "RunConfig":
         choices = {"strategy": STRATEGIES, "optimizer": OPTIMIZERS, "schedule": SCHEDULES,
-                   "penalty": PENALTIES, "pooling": ("mean", "cls"), "device": ("cpu", "cuda")}
+                   "penalty": PENALTIES, "pooling": POOLINGS, "device": DEVICES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} = {getattr(self, name)!r} is not one of {', '.join(allowed)}")
