@@ -96,7 +96,8 @@ _KEPT = " 'strevmld"  # characters P names literally stand for themselves
 
 
 class _CharClasses(dict):
-    """`str.translate` table: code point -> the class letter P sees it as, filled on first sight."""
+    """`str.translate` table: code point -> the class letter P sees it as, filled on first sight
+    (up to 65,536 code points, so hostile text cannot grow it to all 1.1 million)."""
 
     def __missing__(self, cp: int) -> str:
         c = chr(cp)
@@ -106,7 +107,8 @@ class _CharClasses(dict):
             kind = "w"
         else:
             kind = {"L": "L", "N": "N"}.get(unicodedata.category(c)[0], "o")
-        self[cp] = kind
+        if len(self) < 1 << 16:
+            self[cp] = kind
         return kind
 
 

@@ -19,10 +19,11 @@ offsets of each token (`BPETokenizer.encode_with_offsets`):
     >>> ids, offsets = tokenizer.encode_with_offsets(text)
     >>> loss_mask = tokens_in_spans(offsets, spans)           # (T,) bool
 
-A token is in when its first character is. The only token that can straddle a span's start is
-whitespace: the newline closing `<|im_start|>assistant\n` joins the reply's leading whitespace
-when the reply starts with two or more whitespace characters ("\n  hi" is one piece), and that
-token stays out. Nothing straddles a span's end, which is the `<|im_end|>` token.
+A token is in when its first character is. Only a whitespace token can straddle a span's start:
+the newline closing `<|im_start|>assistant\\n` joins the reply's leading whitespace when the reply
+starts with two or more whitespace characters or is whitespace only (after the header, "\\n  hi"
+splits as "\\n ", " hi"), and a token holding both stays out. Nothing straddles a span's end,
+which is the `<|im_end|>` token.
 
     >>> render_chatml([{"role": "user", "content": "Hi"}], add_generation_prompt=True)
     '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\\n<|im_start|>user\\nHi<|im_end|>\\n<|im_start|>assistant\\n'
