@@ -189,7 +189,10 @@ class LlamaModel(Module):
             raise ValueError(f"{past + t} positions exceed max_position_embeddings "
                              f"{self.config.max_position_embeddings}")
         rope = F.rope_cache(np.asarray(position_ids), self.config.head_dim, self.config.rope_theta)
-        mask = F.causal_mask(t, past + t, key_padding=padding, segment_ids=segment_ids)  # (B or 1, 1, T, S)
+        if t == 1 and segment_ids is None and (padding is None or padding.all()):
+            mask = None  # one query after every key, none of them padding: it may attend to all
+        else:
+            mask = F.causal_mask(t, past + t, key_padding=padding, segment_ids=segment_ids)  # (B or 1, 1, T, S)
         x = self.embed_tokens(ids)  # (B, T, D)
         states = [x]
         for i, layer in enumerate(self.layers):
@@ -261,12 +264,11 @@ class LlamaForCausalLM(Module):
             if unknown:
                 raise StateDictError(f"{path}: tensors with no Llama counterpart: {', '.join(unknown)}",
                                      unexpected=unknown)
-            state = {gguf_to_hf_name(n): f.tensor(n) for n in f.tensor_names}
-            for name, heads in (("q_proj", config.num_attention_heads), ("k_proj", config.num_key_value_heads)):
-                for i in range(config.num_hidden_layers):
-                    key = f"model.layers.{i}.self_attn.{name}.weight"
-                    if key in state:
-                        state[key] = unpermute_rotary_rows(state[key], heads)
+            rotary = {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads}  # heads
+            state = {}
+            for n in f.tensor_names:
+                name = gguf_to_hf_name(n)  # ...self_attn.q_proj.weight: rows to un-permute over its heads
+                state[name] = _GGUFTensor(f, n, rotary.get(name.split(".")[-2]))
             model._load(state, path)
         return model
 
@@ -299,6 +301,22 @@ class LlamaForCausalLM(Module):
         (folder / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
         save_file(dict(self.state_dict()), folder / "model.safetensors")
         return folder
+
+
+class _GGUFTensor:
+    """One tensor of an open GGUF file in HF's layout, dequantised (and its rotary rows un-permuted
+    when ``heads`` is given) only when NumPy reads it: ``load_state_dict`` checks every name and
+    shape first, then copies one tensor at a time, so loading never holds a second model."""
+
+    def __init__(self, file, name: str, heads=None):
+        self.file, self.name, self.heads = file, name, heads
+        self.shape = file.tensor_info(name).shape
+
+    def __array__(self, dtype=None, copy=None):
+        value = self.file.tensor(self.name)
+        if self.heads:
+            value = unpermute_rotary_rows(value, self.heads)
+        return value if dtype is None else value.astype(dtype, copy=False)
 
 
 # ----- GGUF names and the rotary row permutation -----
