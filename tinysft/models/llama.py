@@ -30,6 +30,7 @@ from ..nn.decoder import DecoderLayer, RMSNorm
 from ..nn.layers import Embedding, Linear
 from ..nn.module import Module, ModuleList, StateDictError
 from ..tensor import Tensor
+from .bert import _as_ids  # token ids as a (B, T) integer array
 from .locate import SMOLLM2_INSTALL_HINT, ModelNotFoundError, locate_model, package_gguf
 
 
@@ -130,15 +131,6 @@ class LlamaConfig:
                 "attention_bias": False, "mlp_bias": False, "rope_scaling": None, **asdict(self)}
 
 
-def _as_ids(ids):
-    """Token ids as an integer (B, T) array (from a Tensor, an array or nested lists)."""
-    ids = ids.data if isinstance(ids, Tensor) else ids
-    ids = ids if hasattr(ids, "dtype") else np.asarray(ids, dtype=np.int64)
-    if ids.ndim != 2 or ids.dtype.kind not in "iu":
-        raise ValueError(f"input ids must be integers of shape (B, T), got {ids.dtype} of shape {ids.shape}")
-    return ids
-
-
 def positions(attention_mask=None, segment_ids=None, past: int = 0, length: int = None):
     """Rotary position ids (B or 1, T) of the last ``length`` tokens.
 
@@ -152,8 +144,8 @@ def positions(attention_mask=None, segment_ids=None, past: int = 0, length: int 
         starts = np.concatenate([np.ones_like(seg[:, :1], bool), seg[:, 1:] != seg[:, :-1]], axis=1)
         return index - np.maximum.accumulate(np.where(starts, index, 0), axis=1)
     if attention_mask is not None:
-        counted = np.cumsum(np.asarray(attention_mask, dtype=np.int64), axis=1) - 1  # (B, S)
-        return np.maximum(counted[:, -length:], 0)
+        counted = np.maximum(np.cumsum(np.asarray(attention_mask, dtype=np.int64), axis=1) - 1, 0)  # (B, S)
+        return counted if length is None else counted[:, -length:]
     return np.arange(past, past + length)[None]
 
 
