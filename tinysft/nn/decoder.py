@@ -9,44 +9,13 @@ forward by the model and shared by every layer. Projections have no bias.
 
 With a KV cache (inference only), each attention layer appends its new keys and values to its
 slot of the cache and attends over everything cached so far; see ``tinysft.models.generation``.
-
-Decoding one token is memory-bound (every weight is read once per token), so when no graph is
-recorded the Q, K, V projections run as one GEMM on their row-stacked weights, and the gate
-and up projections as another (``stacked_linears``): the same bytes in fewer, larger calls.
 """
 import numpy as np
 
 from .. import functional as F
-from ..tensor import Tensor, is_grad_enabled
+from ..tensor import Tensor
 from .layers import Linear
 from .module import Module, Parameter
-
-
-def stacked_linears(module: Module, x: Tensor, names) -> list:
-    """``[getattr(module, n)(x) for n in names]``; without a graph, as one GEMM on the stacked weights.
-
-    The bias-free Linears' weights are stacked by rows into one (ΣN, D) matrix and each weight
-    is re-pointed at its row block (a view), so there is no second copy and in-place updates
-    (an optimizer's) stay in the stack. It is rebuilt when a weight array was replaced since
-    (``load_state_dict``, ``to``, ``astype``); with a graph, or when one of them is not a plain
-    bias-free Linear (a LoRA wrapper), each Linear runs on its own.
-    """
-    linears = [getattr(module, n) for n in names]
-    weights = [lin.weight for lin in linears]
-    if is_grad_enabled() or any(type(lin) is not Linear or lin.bias is not None for lin in linears) \
-            or len({(w.dtype, w.device) for w in weights}) > 1:
-        return [lin(x) for lin in linears]
-    bounds = np.cumsum([0] + [w.shape[0] for w in weights]).tolist()  # row blocks [a, b) of the stack
-    stacks = module.__dict__.setdefault("_stacks", {})
-    matrix, views = stacks.get(tuple(names), (None, ()))
-    if not views or any(w.data is not view for w, view in zip(weights, views)):
-        matrix = weights[0].xp.concatenate([w.data for w in weights])  # (ΣN, D)
-        views = [matrix[a:b] for a, b in zip(bounds, bounds[1:])]
-        for w, view in zip(weights, views):
-            w.data = view
-        stacks[tuple(names)] = matrix, views
-    out = F.linear(x, Tensor(matrix))  # (..., ΣN)
-    return [out[..., a:b] for a, b in zip(bounds, bounds[1:])]
 
 
 class RMSNorm(Module):
@@ -90,10 +59,9 @@ class GroupedQueryAttention(Module):
         # x: (B, T, D); rope: (cos, sin) each (B or 1, 1, T, Dh/2); mask: bool (B or 1, 1, T, S);
         # cache: a layer's slot of a KV cache (append(k, v) -> every cached k, v) or None -> (B, T, D)
         b, t, _ = x.shape
-        q, k, v = stacked_linears(self, x, ("q_proj", "k_proj", "v_proj"))  # (B, T, Hq·Dh), 2 × (B, T, Hkv·Dh)
-        q = F.rope(self._heads(q, self.num_heads), *rope)  # (B, Hq, T, Dh)
-        k = F.rope(self._heads(k, self.num_kv_heads), *rope)  # (B, Hkv, T, Dh)
-        v = self._heads(v, self.num_kv_heads)  # (B, Hkv, T, Dh)
+        q = F.rope(self._heads(self.q_proj(x), self.num_heads), *rope)  # (B, Hq, T, Dh)
+        k = F.rope(self._heads(self.k_proj(x), self.num_kv_heads), *rope)  # (B, Hkv, T, Dh)
+        v = self._heads(self.v_proj(x), self.num_kv_heads)  # (B, Hkv, T, Dh)
         if cache is not None:
             k, v = cache.append(k, v)  # (B, Hkv, S, Dh): the past and these T positions
         y = F.attention(q, k, v, mask)  # (B, Hq, T, Dh)
@@ -113,8 +81,8 @@ class SwiGLUMLP(Module):
         self.down_proj = Linear(intermediate_size, hidden_size, bias=False, generator=generator)
 
     def forward(self, x: Tensor) -> Tensor:
-        # x: (..., D) -> 2 × (..., F) -> (..., D)
-        return self.down_proj(F.swiglu(*stacked_linears(self, x, ("gate_proj", "up_proj"))))
+        # x: (..., D) -> (..., F) -> (..., D)
+        return self.down_proj(F.swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class DecoderLayer(Module):
