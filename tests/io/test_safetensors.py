@@ -276,44 +276,54 @@ any_json = st.one_of(
     st.integers(120, 130).map(lambda d: "[" * d + "]" * d))
 
 
-@st.composite
-def dim_json(draw):
-    return draw(st.one_of(st.integers(0, 3).map(str), st.integers(0, 3).map(str), st.sampled_from(
-        ["4294967296", "9223372036854775807", "18446744073709551615", "2305843009213693952", "-1", "-0", "2.0",
-         "true", '"2"', "null"])))
+NUMPY_DTYPES = [d for d in ALL_DTYPES if not d.startswith("F8") and d != "F4"]
+BIG_DIMS = ["4294967296", "2305843009213693951", "2305843009213693952", "9223372036854775807",
+            "9223372036854775808", "18446744073709551615"]
+clean_json = st.recursive(st.one_of(st.integers(0, 2**64 - 1).map(str), st.text(max_size=3).map(json.dumps),
+                                    st.sampled_from(["null", "true", "-0", "1e-400", "-2.5"])),
+                          lambda inner: st.lists(inner, max_size=3).map(lambda xs: "[" + ",".join(xs) + "]"),
+                          max_leaves=4)
+
+
+def dim_json(noisy: bool):
+    bad = ["-1", "-0", "2.0", "1e0", "true", '"2"', "null", "18446744073709551616"] if noisy else []
+    return st.one_of(st.integers(0, 3).map(str), st.integers(0, 3).map(str), st.sampled_from(BIG_DIMS + bad))
 
 
 @st.composite
 def safetensors_case(draw):
-    """(file bytes, data length) of a generated file; see the comment above."""
-    names = draw(st.lists(st.one_of(st.sampled_from(["a", "b", "c", "__metadata__"]), st.text(max_size=3)),
-                          max_size=4))
+    """Bytes of a generated file: clean (every part well-formed, only sizes and layout varying) or
+    noisy (any part may be malformed); see the comment above."""
+    noisy = draw(st.booleans())
+    name = st.one_of(st.sampled_from(["a", "b", "c", "__metadata__"] if noisy else ["a", "b", "c"]),
+                     st.text(max_size=3))
+    names = draw(st.lists(name, max_size=4, unique=not noisy or draw(st.integers(0, 3)) > 0))
     entries, offset = [], 0
     for name in names:
-        dtype = draw(st.sampled_from([*ALL_DTYPES, "X", "f32"]))
-        dims = draw(st.lists(dim_json(), max_size=3))
+        dtype = draw(st.sampled_from([*ALL_DTYPES, "X", "f32"] if noisy else NUMPY_DTYPES))
+        dims = draw(st.lists(dim_json(noisy), max_size=3))
         ints = [int(d) for d in dims if d.isdigit()]
         nbytes = None
         if len(ints) == len(dims) and dtype in ALL_DTYPES:
-            size = ALL_DTYPES[dtype] * int(np.prod([float(d) for d in ints])) if 0 not in ints else 0
+            size = 0 if 0 in ints else ALL_DTYPES[dtype] * float(np.prod([float(d) for d in ints]))
             nbytes = int(size) if size <= 4096 else None
-        how = draw(st.sampled_from(["tile", "tile", "tile", "shift", "swap", "any"]))
+        how = draw(st.sampled_from(["tile", "tile", "tile", "shift", "swap", "any"] if noisy else ["tile"]))
         if how == "tile" and nbytes is not None:
             offsets = f"[{offset},{offset + nbytes}]"
             offset += nbytes
         elif how == "shift" and nbytes is not None:
-            d = draw(st.integers(-2, 2))
-            offsets = f"[{max(offset + d, 0)},{max(offset + d, 0) + nbytes}]"
-            offset = max(offset + d, 0) + nbytes
+            begin = max(offset + draw(st.integers(-2, 2)), 0)
+            offsets = f"[{begin},{begin + nbytes}]"
+            offset = begin + nbytes
         elif how == "swap":
             offsets = f"[{offset + 4},{offset}]"
         else:
-            offsets = draw(st.one_of(any_json, st.lists(dim_json(), max_size=3).map(lambda d: "[" + ",".join(d) + "]")))
+            offsets = draw(st.one_of(any_json, st.lists(dim_json(noisy), max_size=3).map(lambda d: "[" + ",".join(d) + "]")))
         dtype_text = draw(st.sampled_from([json.dumps(dtype), json.dumps(dtype), '{"%s":null}' % dtype]))
-        if draw(st.integers(0, 9)) == 0:
+        if noisy and draw(st.integers(0, 9)) == 0:
             dtype_text = draw(any_json)
         fields = {"dtype": dtype_text, "shape": "[" + ",".join(dims) + "]", "data_offsets": offsets}
-        form = draw(st.sampled_from(["object", "object", "object", "list", "missing", "any"]))
+        form = draw(st.sampled_from(["object", "object", "object", "list"] + (["missing", "any"] if noisy else [])))
         if form == "list":
             body = "[" + ",".join(fields.values()) + "]"
         elif form == "any":
@@ -322,18 +332,20 @@ def safetensors_case(draw):
             if form == "missing":
                 del fields[draw(st.sampled_from(list(fields)))]
             items = [f'"{k}":{v}' for k, v in fields.items()]
-            items += [f"{k}:{v}" for k, v in draw(st.lists(st.tuples(key_json, any_json), max_size=2))]
+            extra_key = key_json if noisy else st.sampled_from(['"x"', '"y"'])
+            items += [f"{k}:{v}" for k, v in dict(draw(st.lists(st.tuples(extra_key, any_json if noisy else clean_json),
+                                                                 max_size=2))).items()]
             body = "{" + ",".join(draw(st.permutations(items))) + "}"
         entries.append(f"{json.dumps(name)}:{body}")
-    metadata = draw(st.one_of(st.none(), st.just("null"), any_json, st.dictionaries(
-        st.text(max_size=3), st.text(max_size=3), max_size=2).map(json.dumps)))
+    strings = st.dictionaries(st.text(max_size=3), st.text(max_size=3), max_size=2).map(json.dumps)
+    metadata = draw(st.one_of(st.none(), st.just("null"), strings, *([any_json] if noisy else [])))
     if metadata is not None:
         entries.insert(draw(st.integers(0, len(entries))), f'"__metadata__":{metadata}')
-    space = st.sampled_from(["", "", "", " ", "\n\t\r ", "\x0c", "\x00", "\u00a0"])
+    space = st.sampled_from(["", "", "", " ", "\n\t\r "] + (["\x0c", "\x00", "\u00a0"] if noisy else []))
     text = draw(space) + "{" + ",".join(draw(st.permutations(entries))) + "}" + draw(space)
     header = text.encode("utf-8", "surrogatepass")
-    data_len = max(offset + draw(st.sampled_from([0, 0, 0, 0, 1, -1, 3])), 0)
-    kind = draw(st.sampled_from(["none"] * 6 + ["flip", "insert", "cut", "length"]))
+    data_len = max(offset + draw(st.sampled_from([0, 0, 0, 0, 1, -1, 3] if noisy else [0])), 0)
+    kind = draw(st.sampled_from(["none"] * 6 + ["flip", "insert", "cut", "length"] if noisy else ["none"]))
     length = len(header)
     if kind != "none" and header:
         pos = draw(st.integers(0, len(header) - 1))
@@ -391,7 +403,7 @@ def compare_with_reference(path, blob) -> tuple[bool, bool]:
     with open(path, "wb") as f:
         f.write(blob)
     theirs = reference_read(blob)
-    t0 = time.perf_counter()
+    t0 = time.process_time()  # CPU time: other processes on a busy machine do not count
     try:
         with SafetensorsFile(path) as f:
             ours = {name: f.get(name) for name in f.keys()}
@@ -399,7 +411,7 @@ def compare_with_reference(path, blob) -> tuple[bool, bool]:
     except SafetensorsError as e:
         assert str(e).startswith(str(path) + ": "), e
         ours = None
-    assert time.perf_counter() - t0 < 0.5
+    assert time.process_time() - t0 < 0.5
     if has_duplicate_key(blob):
         assert ours is None, "a duplicate key must be rejected"
     else:
@@ -414,7 +426,7 @@ def compare_with_reference(path, blob) -> tuple[bool, bool]:
     return theirs is not None, ours is not None
 
 
-@settings(max_examples=300)  # explicit: the oracle comparison is this test's point, each example takes ~1 ms
+@settings(max_examples=200)  # explicit, whatever the profile: the oracle comparison is this test's point
 @given(safetensors_case())
 def test_fuzz_verdict_matches_reference_reader(tmp_path_factory, blob):
     pytest.importorskip("safetensors", reason="the reference package (test extra) is the oracle: pip install safetensors")

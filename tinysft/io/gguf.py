@@ -233,7 +233,7 @@ class GGUFFile:
         self.data_offset = data_start
 
     def _string(self, cur: Cursor, what: str) -> str:
-        (n,) = cur.unpack(U64, f"{what} length")
+        (n,) = cur.unpack(U64, what)
         raw = cur.take(n, what)
         try:
             return str(raw, "utf-8")
@@ -260,7 +260,8 @@ class GGUFFile:
             return (self._bools(values, key) if etype == _BOOL else values), f"ARRAY[{ename}]"
         cur.need(count * (8 if etype == _STRING else 12), f"metadata {key!r}: array of {count} {ename}")
         if etype == _STRING:
-            return [self._string(cur, f"metadata {key!r}: string") for _ in range(count)], f"ARRAY[{ename}]"
+            what = f"metadata {key!r}: string"
+            return [self._string(cur, what) for _ in range(count)], f"ARRAY[{ename}]"
         if depth >= MAX_ARRAY_NESTING:
             raise self._error(f"metadata {key!r}: arrays nested more than {MAX_ARRAY_NESTING} deep")
         items = [self._value(cur, _ARRAY, key, depth + 1) for _ in range(count)]
