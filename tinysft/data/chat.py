@@ -25,8 +25,9 @@ starts with two or more whitespace characters or is whitespace only (after the h
 splits as "\\n ", " hi"), and a token holding both stays out. Nothing straddles a span's end,
 which is the `<|im_end|>` token.
 
-    >>> render_chatml([{"role": "user", "content": "Hi"}], add_generation_prompt=True)
-    '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\\n<|im_start|>user\\nHi<|im_end|>\\n<|im_start|>assistant\\n'
+    >>> render_chatml([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+    ...               add_generation_prompt=True)
+    '<|im_start|>system\\nBe brief.<|im_end|>\\n<|im_start|>user\\nHi<|im_end|>\\n<|im_start|>assistant\\n'
 """
 
 from __future__ import annotations
