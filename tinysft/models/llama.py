@@ -214,6 +214,11 @@ class LlamaForCausalLM(Module):
         """The (V, D) matrix of the output head."""
         return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
+    def hidden_states(self, ids, attention_mask=None, position_ids=None, segment_ids=None) -> Tensor:
+        """The final (normed) hidden states (B, T, D), the head's input, without the head: what
+        ``F.linear_cross_entropy(h, model.output_weight, targets)`` takes in place of the logits."""
+        return self.model(ids, attention_mask, position_ids, segment_ids)
+
     def forward(self, ids, attention_mask=None, position_ids=None, segment_ids=None, kv_cache=None,
                 logits_to_keep: int = 0, output_hidden_states: bool = False):
         # ids: (B, T) -> logits (B, T, V), or (B, logits_to_keep, V) for the last positions only
