@@ -1,8 +1,10 @@
 """Data: the WordPiece tokenizer, text classification and array datasets, dataset sources, splits,
-the batch loader and its collates."""
+the batch loader and its collates, and the SFT data (chat JSONL, WordNet questions, loss masks, packing)."""
 
 from tinysft.data.datasets import ArrayDataset, DatasetError, TextClassificationDataset, load_csv, load_jsonl
 from tinysft.data.loader import DataLoader, default_collate, tokenizing_collate
+from tinysft.data.sft import (IGNORE, TRAIN_ON, encode_example, encode_examples, pack_examples, read_sft_jsonl,
+                              render_mask, sft_collate, wordnet_sft_splits)
 from tinysft.data.sources import load_dataset
 from tinysft.data.splits import split_dataset, stratified_sample, stratified_split, train_val_test
 from tinysft.data.tokenizer import WordPieceTokenizer
@@ -14,4 +16,6 @@ __all__ = [
     "split_dataset", "stratified_sample", "stratified_split", "train_val_test",
     "WordPieceTokenizer",
     "NOUN_LEXNAMES", "load_wordnet_supersenses",
+    "IGNORE", "TRAIN_ON", "read_sft_jsonl", "wordnet_sft_splits", "encode_example", "encode_examples",
+    "pack_examples", "sft_collate", "render_mask",
 ]
