@@ -28,8 +28,8 @@ from ..tensor import Tensor, no_grad
 class LayerKV:
     """One layer's slot of a KV cache: keys and values (B, Hkv, capacity, Dh), filled up to ``length``."""
 
-    def __init__(self, batch: int, kv_heads: int, capacity: int, head_dim: int, dtype):
-        self.keys = np.zeros((batch, kv_heads, capacity, head_dim), dtype=dtype)
+    def __init__(self, batch: int, kv_heads: int, capacity: int, head_dim: int, dtype, xp=np):
+        self.keys = xp.zeros((batch, kv_heads, capacity, head_dim), dtype=dtype)
         self.values = np.zeros_like(self.keys)
         self.length = 0
 
@@ -48,18 +48,19 @@ class LayerKV:
 
 
 class KVCache:
-    """A LayerKV per decoder layer (``layers[i]``); ``length`` is the number of cached positions."""
+    """A LayerKV per decoder layer (``layers[i]``); ``length`` is the number of cached positions.
+    ``xp``: the array module of the model's device (NumPy, or CuPy for a model on the GPU)."""
 
     def __init__(self, num_layers: int, batch: int, kv_heads: int, capacity: int, head_dim: int,
-                 dtype=np.float32):
-        self.layers = [LayerKV(batch, kv_heads, capacity, head_dim, dtype) for _ in range(num_layers)]
+                 dtype=np.float32, xp=np):
+        self.layers = [LayerKV(batch, kv_heads, capacity, head_dim, dtype, xp) for _ in range(num_layers)]
 
     @classmethod
     def for_model(cls, model, batch: int, capacity: int) -> "KVCache":
         """A cache shaped for ``model`` (a LlamaForCausalLM or anything with its ``config``)."""
-        config = model.config
+        config, weight = model.config, model.output_weight
         return cls(config.num_hidden_layers, batch, config.num_key_value_heads, capacity, config.head_dim,
-                   model.output_weight.dtype)
+                   weight.dtype, weight.xp)
 
     @property
     def length(self) -> int:
@@ -166,7 +167,7 @@ def generate(model, prompts, max_new_tokens: int = 64, *, temperature: float = 0
         while length < capacity and not done.all():
             start = 0 if cache is None else cache.length  # the positions not yet in the cache
             logits = model(ids[:, start:length], mask[:, :length], kv_cache=cache, logits_to_keep=1)  # (B, 1, V)
-            token = sample_next(logits.data[:, -1], temperature, top_k, top_p, generator)  # (B,)
+            token = sample_next(logits.numpy()[:, -1], temperature, top_k, top_p, generator)  # (B,)
             token[done] = pad  # finished rows run on, on padding
             for i in np.flatnonzero(~done):
                 new[i].append(int(token[i]))
