@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from tinysft import functional as F
+from tinysft.finetune import causal_lm
 from tinysft.finetune.distill import kd_loss
 from tinysft.finetune.strategies import fisher_diagonal, prepare
 from tinysft.nn.lora import LoRALinear
@@ -474,6 +475,74 @@ def lora_with(cls):
     return lambda: SimpleNamespace(LoRALinear=cls)
 
 
+# ----- sft
+def sft_with(**overrides):
+    from tinysft.verify.sft import _sft
+    return SimpleNamespace(**{**vars(_sft()), **overrides})
+
+
+def _head_loss(model, batch, targets):
+    inputs = {k: batch[k] for k in causal_lm.MODEL_INPUTS if batch.get(k) is not None}
+    hidden = model.hidden_states(batch["input_ids"], **inputs)
+    return F.linear_cross_entropy(hidden, model.output_weight, targets, reduction="sum")
+
+
+def sft_loss_unshifted(model, batch):
+    """Position t trained on its own label (no shift): the model learns to copy its input."""
+    labels = np.where(np.asarray(batch["attention_mask"], bool), batch["labels"], -100)
+    return _head_loss(model, batch, labels)
+
+
+def sft_loss_shift_two(model, batch):
+    """Position t trained on labels[t + 2]: the shift off by one the other way."""
+    targets = np.full(batch["labels"].shape, -100)
+    targets[:, :-1] = causal_lm.shifted_targets(batch)[:, 1:]
+    return _head_loss(model, batch, targets)
+
+
+def sft_eos_masked_by_id(model, batch):
+    """Targets equal to the pad id ignored: the eos (= pad) is never learned, the model never stops."""
+    targets = causal_lm.shifted_targets(batch)
+    return _head_loss(model, batch, np.where(targets == 2, -100, targets))
+
+
+def sft_count_eos_by_id(batch):
+    targets = causal_lm.shifted_targets(batch)
+    return int(((targets != -100) & (targets != 2)).sum())
+
+
+def sft_micro_batch_mean(model, batch):
+    """Each micro-batch's own mean (the Trainer then divides by 1 per micro-batch: the mean of means)."""
+    return causal_lm.causal_lm_loss_sum(model, batch) * (1.0 / causal_lm.count_supervised(batch))
+
+
+def sft_packed_without_segments(model, batch):
+    """Packed rows run without their segment ids: examples attend to the ones before them."""
+    return causal_lm.causal_lm_loss_sum(model, {k: v for k, v in batch.items() if k != "segment_ids"})
+
+
+def sft_pack_positions_continue(encoded, max_length):
+    """Packed rows whose position ids run on over the whole row instead of restarting per example."""
+    from tinysft.data.sft import pack_examples
+    rows = pack_examples(encoded, max_length)
+    for row in rows:
+        row["position_ids"] = np.arange(len(row["input_ids"]))
+    return rows
+
+
+def lce_dw_last_chunk(hidden, weight, target, ignore_index=-100, reduction="mean", chunk_size=None):
+    """Right loss and dh, but dW of the last chunk only (overwritten, not accumulated, over chunks)."""
+    right = F.linear_cross_entropy(hidden, weight, target, ignore_index, reduction, chunk_size)
+    target = np.asarray(target).reshape(-1)
+    rows = np.flatnonzero(target != ignore_index)
+    last = rows[(len(rows) - 1) // chunk_size * chunk_size:]
+    scale = 1.0 / len(rows) if reduction == "mean" else 1.0
+    flat = hidden.detach().reshape(-1, hidden.shape[-1])
+    wrong = (F.linear_cross_entropy(hidden, weight.detach(), target, ignore_index, reduction, chunk_size)
+             + F.linear_cross_entropy(flat[last], weight, target[last], reduction="sum") * scale)
+    return value_of(right, wrong)
+
+
 # check name -> [(description, factory of the broken implementation)]
 MUTANTS = {
     "cross_entropy": [("gradient missing 1/N", lambda: ce_grad_missing_mean)],
@@ -540,6 +609,16 @@ MUTANTS = {
                    ("merge forgets the scaling", lora_with(LoRAMergeUnscaled))],
     "lora_gradients": [("scaling α instead of α/r", lora_with(LoRAScalingAlpha)),
                        ("base weight left trainable", lora_with(LoRABaseTrainable))],
+    "sft_masked_loss": [("no shift (t predicts labels[t])", lambda: sft_with(loss_sum=sft_loss_unshifted)),
+                        ("shift by two", lambda: sft_with(loss_sum=sft_loss_shift_two)),
+                        ("eos masked by its id (= pad)",
+                         lambda: sft_with(loss_sum=sft_eos_masked_by_id, count=sft_count_eos_by_id))],
+    "sft_accumulation": [("per-micro-batch mean instead of the step's count",
+                          lambda: sft_with(loss_sum=sft_micro_batch_mean, count=lambda batch: 1))],
+    "sft_packing": [("packing without the segment mask", lambda: sft_with(loss_sum=sft_packed_without_segments)),
+                    ("position ids not restarted per example", lambda: sft_with(pack=sft_pack_positions_continue))],
+    "sft_linear_cross_entropy": [("dW of the last chunk only (not accumulated)",
+                                  lambda: sft_with(linear_cross_entropy=lce_dw_last_chunk))],
 }
 
 KERNEL_CHECKS = ("kernel_cross_entropy", "kernel_clip_grad_norm")

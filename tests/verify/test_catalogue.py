@@ -10,12 +10,13 @@ from tinysft.verify import Skip, catalogue, report, run_check, run_checks
 from tinysft.verify.registry import Measure
 
 FAMILIES = {"losses", "optimizers", "regularization", "dropout", "clipping", "stability", "decoder", "kernels",
-            "finetuning", "lora"}
+            "finetuning", "lora", "sft"}
 REQUIRED = {"cross_entropy", "cross_entropy_smoothing_ignore", "mse", "sgd", "sgd_momentum", "sgd_nesterov", "adam",
             "adamw", "layerwise_lr_decay", "l1_penalty", "l2_penalty", "l2sp_penalty", "decay_sgd_coincide",
             "decay_adam_differ", "dropout_mean", "dropout_variance", "clip_grad_norm", "clip_grad_value",
             "softmax_stability", "layer_norm", "gelu", "kernel_cross_entropy", "kernel_clip_grad_norm",
-            "fisher_scaling", "distillation", "lora_merge", "lora_gradients"}
+            "fisher_scaling", "distillation", "lora_merge", "lora_gradients", "sft_masked_loss", "sft_accumulation",
+            "sft_packing", "sft_linear_cross_entropy"}
 
 
 @pytest.fixture(scope="module", params=["float64", "float32"])

@@ -190,7 +190,7 @@ def _host(x):
 
 # one module per family; the catalogue lists the checks in this order
 FAMILIES = ("losses", "optimizers", "regularization", "dropout", "clipping", "stability", "decoder", "kernels",
-            "finetuning", "lora")
+            "finetuning", "lora", "sft")
 
 
 def _load_catalogue():
