@@ -240,12 +240,12 @@ class LlamaForCausalLM(Module):
             path = package_gguf()
             if path is None:
                 raise ModelNotFoundError(f"SmolLM2-135M-Instruct not found offline: run {SMOLLM2_INSTALL_HINT}")
-        path = Path(os.fspath(path)).expanduser()
-        if path.suffix == ".gguf" or path.is_file():
-            model = cls._from_gguf(path)
+        file = Path(os.fspath(path)).expanduser()
+        if file.suffix == ".gguf" or file.is_file():
+            model, model.name_or_path = cls._from_gguf(file), file
         else:
-            model = cls._from_hf_folder(locate_model(path))
-        model.name_or_path = path
+            folder = locate_model(path)  # a folder, or a hub name in the offline cache
+            model, model.name_or_path = cls._from_hf_folder(folder), folder
         return model.eval()
 
     @classmethod
