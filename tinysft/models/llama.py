@@ -128,7 +128,8 @@ class LlamaConfig:
     def to_dict(self) -> dict:
         """A HF ``config.json`` for LlamaForCausalLM."""
         return {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_act": "silu",
-                "attention_bias": False, "mlp_bias": False, "rope_scaling": None, **asdict(self)}
+                "attention_bias": False, "mlp_bias": False, "rope_scaling": None, "torch_dtype": "float32",
+                **asdict(self)}
 
 
 def positions(attention_mask=None, segment_ids=None, past: int = 0, length: int = None):
@@ -296,7 +297,7 @@ class LlamaForCausalLM(Module):
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
-        save_file(dict(self.state_dict()), folder / "model.safetensors")
+        save_file(dict(self.state_dict()), folder / "model.safetensors", metadata={"format": "pt"})  # as torch writes
         return folder
 
 
