@@ -63,6 +63,24 @@ def test_assistant_mask_is_each_reply_and_its_im_end(tok):
     assert (ids == IM_END_ID).sum() == 5 and (ids[on] == IM_END_ID).sum() == 2  # system/user ends stay out
 
 
+text = st.text(st.sampled_from(list("ab Z9.,'!?\n\té€🙂")), max_size=12)
+turns = st.lists(st.tuples(st.sampled_from(["user", "assistant"]), text), min_size=1, max_size=5)
+
+
+@given(st.one_of(st.none(), text), turns, text)
+def test_assistant_mask_on_random_chats(tok, system, middle, last_reply):
+    """Each assistant turn gives one run of supervised tokens: its content and <|im_end|>, less
+    at most the leading whitespace that the header's newline absorbs (a token holding both)."""
+    messages = ([] if system is None else [{"role": "system", "content": system}])
+    messages += [{"role": role, "content": content} for role, content in [*middle, ("assistant", last_reply)]]
+    replies = [m["content"] + "<|im_end|>" for m in messages if m["role"] == "assistant"]
+    for mode, want in (("assistant", replies), ("completion", replies[-1:])):
+        runs = trained_runs(tok, encode_example(tok, {"messages": messages}, train_on=mode))
+        assert len(runs) == len(want)
+        for run, reply in zip(runs, want):
+            assert reply.endswith(run) and not reply[:len(reply) - len(run)].strip(" \t\n")
+
+
 def test_a_one_token_reply_and_the_default_system_prompt(tok):
     enc = encode_example(tok, {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]})
     assert trained_runs(tok, enc) == ["Yo<|im_end|>"]
@@ -243,6 +261,7 @@ BAD_ROWS = [  # (lines of the file, line number of the error, what the message s
     (['{"prompt": "x", "prompt": "y", "completion": "z"}'], 1, "key 'prompt' appears twice"),
     (['{"prompt": "\\ud800", "completion": "z"}'], 1, "lone surrogate"),
     ([GOOD_PC, "[" * 100_000 + "]" * 100_000], 2, "nested too deeply"),
+    ([GOOD_PC, '{"a": ' * 100_000 + "1" + "}" * 100_000], 2, "nested too deeply"),
     ([GOOD_PC, '{"prompt": "' + "x" * 5000 + '", "completion": ""}'], 2, "longer than 4096 bytes"),
     ([GOOD_PC, '{"prompt": "1' + "9" * 6000 + '", "completion": 1' + "9" * 4000 + "}"], 2, "'completion' is a number"),
     ([], None, "no examples found"),
@@ -266,6 +285,17 @@ def test_malformed_rows_name_file_and_line(tmp_path, lines, line, phrase):
     assert phrase in message, message
 
 
+def test_line_limit_counts_the_bytes_before_the_newline(tmp_path):
+    row = '{"prompt": "é", "completion": "y"}'
+    size = len(row.encode())
+    assert read_sft_jsonl(write_lines(tmp_path, [row, row]), max_line_bytes=size) == [json.loads(row)] * 2
+    path = tmp_path / "last.jsonl"
+    path.write_text(row + "\n" + row, encoding="utf-8")  # no newline at the end
+    assert len(read_sft_jsonl(path, max_line_bytes=size)) == 2
+    with pytest.raises(DatasetError, match=re.escape(f"{path}:1: the line is longer than {size - 1} bytes")):
+        read_sft_jsonl(path, max_line_bytes=size - 1)
+
+
 def test_non_utf8_names_the_line(tmp_path):
     path = tmp_path / "data.jsonl"
     path.write_bytes(GOOD_PC.encode() + b"\n" + b'{"prompt": "caf\xe9", "completion": "y"}\n')
@@ -278,6 +308,15 @@ def test_reads_both_formats(tmp_path):
     assert chat == [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": c}]}
                     for c in ("yo", "<b>")]
     assert read_sft_jsonl(write_lines(tmp_path, [GOOD_PC], "p.jsonl")) == [{"prompt": "hi", "completion": "yo"}]
+
+
+@given(st.lists(st.tuples(text, text), min_size=1, max_size=3), st.booleans())
+def test_valid_rows_read_back_unchanged(tmp_path_factory, pairs, chat):
+    rows = ([{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": c}]} for p, c in pairs]
+            if chat else [{"prompt": p, "completion": c} for p, c in pairs])
+    path = tmp_path_factory.mktemp("rows") / "data.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=chat) + "\n" for r in rows), encoding="utf-8")
+    assert read_sft_jsonl(path) == rows
 
 
 json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=5),

@@ -6,7 +6,7 @@ Formats. A JSONL file holds one example per line, all in one of two formats:
     {"prompt": str, "completion": str}                                               prompt/completion
 
 Blank lines are skipped. A row is refused, with `file:line` in a `DatasetError`, when it is not
-UTF-8, is longer than `max_line_bytes`, is not a JSON object, repeats a key, has a key outside
+UTF-8, is longer than `max_line_bytes` (newline not counted), is not a JSON object, repeats a key, has a key outside
 its format (no silent dropping of `"name"`, `"tools"` or a misspelt key), mixes the two formats
 (in the row or across the file), has an empty `messages` list or no assistant turn, an unknown
 role, a value of the wrong type, or a string holding a lone surrogate (no UTF-8 form). Reading
@@ -183,7 +183,7 @@ def read_sft_jsonl(path: str | os.PathLike, max_line_bytes: int = MAX_LINE_BYTES
         while raw := f.readline(max_line_bytes + 1):
             line_num += 1
             where = f"{path}:{line_num}"
-            if len(raw) > max_line_bytes:
+            if len(raw) > max_line_bytes and not raw.endswith(b"\n"):
                 raise DatasetError(f"{where}: the line is longer than {max_line_bytes} bytes")
             if line_num == 1 and raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark
                 raw = raw[3:]
@@ -216,7 +216,8 @@ def read_sft_jsonl(path: str | os.PathLike, max_line_bytes: int = MAX_LINE_BYTES
 
 
 def parse_noun_synsets(path: str | os.PathLike | None = None) -> list[dict]:
-    """Every synset of WordNet's `data.noun`, in file order: `{"offset", "lemmas", "lexname", "gloss"}`.
+    """Every synset of WordNet's `data.noun`, in file order: `{"offset", "lemmas", "lexname", "gloss",
+    "definition"}` (the gloss's first definition: see `wordnet_sft_splits`).
 
     A line reads `offset lex_filenum ss_type w_cnt word lex_id [word lex_id ...] p_cnt ... | gloss`,
     with `w_cnt` in hexadecimal; lemmas keep WordNet's spelling (`laser-guided_bomb`).
@@ -227,18 +228,20 @@ def parse_noun_synsets(path: str | os.PathLike | None = None) -> list[dict]:
         if line.startswith("  ") or not line.strip():  # licence header
             continue
         head, sep, gloss = line.partition(" | ")
-        fields = head.split(" ")
+        fields = head.split(" ", 4)
         try:
             count = int(fields[3], 16)
+            words = fields[4].split(" ", 2 * count)[:2 * count]
         except (IndexError, ValueError):
-            count = 0
-        if not sep or count < 1 or len(fields) < 4 + 2 * count or not fields[1].isdigit():
+            count, words = 0, []
+        if not sep or count < 1 or len(words) < 2 * count or not fields[1].isdigit():
             raise DatasetError(f"{path}: line {line_num}: not a WordNet synset line")
         label = int(fields[1]) - FIRST_NOUN_LEXFILE
         if not 0 <= label < len(NOUN_LEXNAMES):
             raise DatasetError(f"{path}: line {line_num}: lex_filenum {fields[1]} is not a noun file (03-28)")
-        synsets.append({"offset": fields[0], "lemmas": tuple(fields[4:4 + 2 * count:2]),
-                        "lexname": NOUN_LEXNAMES[label], "gloss": gloss.strip()})
+        gloss = gloss.strip()
+        synsets.append({"offset": fields[0], "lemmas": tuple(words[::2]), "lexname": NOUN_LEXNAMES[label],
+                        "gloss": gloss, "definition": _definition(gloss)})
     if not synsets:
         raise DatasetError(f"{path}: no synsets found")
     return synsets
@@ -318,7 +321,7 @@ def wordnet_sft_splits(max_examples: int | None = None, seed: int = 0, kinds: Se
     if len(fractions) != 3 or any(f < 0 for f in fractions) or not abs(sum(fractions) - 1) < 1e-9:
         raise ValueError(f"fractions must be three non-negative numbers summing to 1, got {fractions!r}")
     rng = np.random.default_rng(seed)
-    synsets = [{**s, "definition": d} for s in parse_noun_synsets(path) if (d := _definition(s["gloss"]))]
+    synsets = [s for s in parse_noun_synsets(path) if s["definition"]]
     if max_examples is not None:
         count = max_examples // len(kinds)
         if count < 1:
