@@ -5,13 +5,14 @@ Formats. A JSONL file holds one example per line, all in one of two formats:
     {"messages": [{"role": "system" | "user" | "assistant", "content": str}, ...]}     chat
     {"prompt": str, "completion": str}                                               prompt/completion
 
-Blank lines are skipped. A row is refused, with `file:line` in a `DatasetError`, when it is not
-UTF-8, is longer than `max_line_bytes` (newline not counted), is not a JSON object, repeats a key, has a key outside
-its format (no silent dropping of `"name"`, `"tools"` or a misspelt key), mixes the two formats
-(in the row or across the file), has an empty `messages` list or no assistant turn, an unknown
-role, a value of the wrong type, or a string holding a lone surrogate (no UTF-8 form). Reading
-is linear in the file size: numbers are never converted, nesting deeper than the JSON parser's
-limit is a `DatasetError`, not a `RecursionError`.
+Blank lines are skipped. A row is refused, with `file:line` in a `DatasetError`, when it is
+not UTF-8, is longer than `max_line_bytes` (the newline not counted), is not a JSON object,
+repeats a key, has a key outside its format (no silent dropping of `"name"`, `"tools"` or a
+misspelt key), mixes the two formats (in the row or across the file), has an empty `messages`
+list or no assistant turn, an unknown role, a value of the wrong type, or a string holding a
+lone surrogate (no UTF-8 form). Reading is linear in the file size and holds one line at a
+time: numbers are never converted, and nesting deeper than the JSON parser's limit is a
+`DatasetError`, not a `RecursionError`.
 
 Rendering. A chat is rendered by `chat.render_chatml` (the default system prompt is prepended
 when the first message is not a system one, as SmolLM2's template does) and tokenized as one
@@ -26,13 +27,16 @@ Supervised tokens, by `train_on`:
 - "assistant": each assistant turn's content tokens and its closing `<|im_end|>` (so the model
   learns to stop); never the system, user or `<|im_start|>role\\n` tokens, nor the newline after
   `<|im_end|>`. Which tokens those are comes from character spans (`chat.tokens_in_spans`), never
-  from token ids: `<|im_end|>` is also the eos and the pad id (2) in this vocabulary.
+  from token ids: `<|im_end|>` is also the eos and the pad id (2) in this vocabulary. (A reply
+  opening with two or more whitespace characters gives its first one to the header's newline
+  token, which stays out: `chat` states the rule.)
 - "completion": the last assistant turn only (for a prompt/completion row, the completion: the
   same tokens as "assistant").
 - "all": every token.
 
 In every mode token 0 is not supervised (nothing precedes it to predict it from), so the
-count of `labels != IGNORE` is exactly the number of predicted tokens, packed or not.
+count of `labels != IGNORE` is exactly the number of predicted tokens, and packing (below)
+supervises the same tokens as leaving the examples apart.
 `max_length` keeps the first `max_length` tokens. `encode_examples` encodes a list, counts the
 truncated examples and drops (and counts) those left with no supervised token.
 
