@@ -112,6 +112,13 @@ def test_all_trains_every_token_but_the_first(tok):
     assert enc["labels"][1:].tolist() == enc["input_ids"][1:].tolist()
 
 
+def test_examples_of_neither_format_are_refused(tok):
+    with pytest.raises(ValueError, match="needs 'messages' or 'prompt' and 'completion'"):
+        encode_example(tok, {"prompt": "only"})
+    with pytest.raises(ValueError, match="role 'bot'"):
+        encode_example(tok, {"messages": [{"role": "bot", "content": "x"}]})
+
+
 def test_unknown_train_on_and_bad_max_length(tok):
     with pytest.raises(ValueError, match="train_on"):
         encode_example(tok, CHAT, train_on="assistants")
@@ -372,6 +379,8 @@ def test_wordnet_split_shares_no_lemma_between_train_and_test(synsets):
 def test_wordnet_answers(synsets):
     train, validation, test = wordnet_sft_splits(max_examples=600, seed=3)
     assert len(train) + len(validation) + len(test) == 600
+    lemmas = [set().union(*(synsets[e["synset"]][0] for e in split)) for split in (train, validation, test)]
+    assert not lemmas[0] & lemmas[2] and not lemmas[0] & lemmas[1] and not lemmas[1] & lemmas[2]
     names = {n.removeprefix("noun.") for n in NOUN_LEXNAMES}
     for e in train + validation + test:
         lemmas, lexname, gloss = synsets[e["synset"]]
@@ -416,6 +425,16 @@ def test_render_mask_plain_and_colour(tok):
     assert coloured == f"\x1b[2m{prompt}\x1b[0m\x1b[1;32mHello!<|im_end|>\x1b[0m\x1b[2m\n\x1b[0m"
 
 
-def test_render_mask_is_plain_off_a_terminal(tok, capsys):
+class Terminal:
+    def isatty(self):
+        return True
+
+
+def test_render_mask_colours_a_terminal_unless_no_color(tok, monkeypatch):
     enc = encode_example(tok, {"prompt": "Hi", "completion": "Hello!"})
-    assert "\x1b[" not in render_mask(tok, enc) and "⟦Hello!" in render_mask(tok, enc)  # pytest captures stdout
+    assert render_mask(tok, enc) == render_mask(tok, enc, color=False)  # pytest captures stdout: no terminal
+    monkeypatch.setattr("sys.stdout", Terminal())
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    assert render_mask(tok, enc) == render_mask(tok, enc, color=True)
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert render_mask(tok, enc) == render_mask(tok, enc, color=False)
