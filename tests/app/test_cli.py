@@ -7,12 +7,9 @@
   neither the model package nor WordNet.
 - Errors a user can fix exit with status 2 and one line ``tinysft: error: ...``, no traceback:
   a missing model folder, unknown / mistyped / unparsable TOML settings, an empty CSV, a JSONL
-  line without a label, a folder that is not a run, a truncated model.safetensors.
-  (An unknown label cannot arise from the command line: there is no setting that fixes the
-  label names, so every label in the file becomes a class.)
+  line without a label, a folder that is not a run, a truncated model.safetensors. (The
+  tables of bad settings and bad files are in test_refusals.py.)
 """
-import contextlib
-import io
 import json
 import re
 import tomllib
@@ -26,7 +23,9 @@ from tinysft.app.config import RunConfig, build_config
 from tinysft.data import DatasetError
 from tinysft.data.wordnet import find_wordnet_noun_file
 from tinysft.io import load_file
-from tinysft.models import BertConfig, BertModel, package_model_dir
+from tinysft.models import package_model_dir
+
+from .helpers import assert_user_error, run_cli
 
 
 def _has_wordnet() -> bool:
@@ -43,26 +42,6 @@ requires_minilm = pytest.mark.skipif(package_model_dir() is None,
 FINETUNE_FLAGS = ["--max-examples", "200", "--max-steps", "5", "--batch-size", "8", "--max-length", "24",
                   "--no-progress"]
 TEST_LINE = re.compile(r"^test: (.*)$", re.MULTILINE)
-
-
-def run_cli(argv) -> tuple[int, str, str]:
-    """(exit code, stdout, stderr) of ``tinysft.app.cli.main(argv)``; usable from module-scoped fixtures."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(argv)
-    return code, out.getvalue(), err.getvalue()
-
-
-def assert_user_error(result, *fragments) -> str:
-    """Status 2, nothing but one ``tinysft: error:`` line on stderr, no traceback."""
-    code, _, err = result
-    assert code == 2, err
-    assert "Traceback" not in err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("tinysft: error: "), err
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
 
 
 def parse_metrics(text: str) -> dict:
@@ -181,32 +160,6 @@ def test_truncated_checkpoint_is_a_user_error(minilm_run, tmp_path):
 
 # ----------------------------------------------------------------------- a tiny model on a CSV file
 
-VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "the", "cat", "dog", "bird", "happy", "sad", "angry",
-         "small", "big", "animal", "feeling", ",", "."]
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    """A 1-layer, 8-wide random BERT with a 19-word vocabulary: a valid model folder in milliseconds."""
-    folder = tmp_path_factory.mktemp("tiny_model")
-    config = BertConfig(vocab_size=len(VOCAB), hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=16, max_position_embeddings=32)
-    BertModel(config).save_pretrained(folder)
-    (folder / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
-    return folder
-
-
-@pytest.fixture(scope="module")
-def csv_data(tmp_path_factory) -> Path:
-    rows = ["text,label"]
-    for i in range(20):
-        rows.append(f"{'a small' if i % 2 else 'the big'} {('cat', 'dog', 'bird')[i % 3]} animal,animal")
-        rows.append(f"a {('happy', 'sad', 'angry')[i % 3]} feeling.,feeling")
-    path = tmp_path_factory.mktemp("data") / "tiny.csv"
-    path.write_text("\n".join(rows) + "\n")
-    return path
-
-
 def test_tiny_model_on_a_csv_end_to_end(tiny_model, csv_data, tmp_path):
     run = tmp_path / "run"
     flags = ["--model", str(tiny_model), "--data", str(csv_data), "--max-steps", "5", "--batch-size", "4",
@@ -244,8 +197,8 @@ def test_debug_shows_the_traceback_instead(tmp_path):
 
 @pytest.mark.parametrize("toml, fragment", [
     ("learning_rate = 0.1\n", "unknown setting(s) learning_rate"),
-    ('epochs = "three"\n', "epochs must be an int"),
-    ('strategy = "everything"\n', "strategy = 'everything' is not one of"),
+    ('epochs = "three"\n', "epochs = 'three'"),
+    ('strategy = "everything"\n', "strategy = 'everything'"),
     ("lr = \n", "is not valid TOML"),
 ])
 def test_bad_config_file(tmp_path, toml, fragment):

@@ -6,22 +6,9 @@ a dataset with an unknown label, ...) print one line and exit with status 2;
 """
 import argparse
 import sys
-from dataclasses import fields
 
 from .. import __version__
-from .config import RunConfig, build_config
-
-
-def _add_run_flags(parser):
-    """One flag per RunConfig field; unset flags leave the config file or default in force."""
-    for f in fields(RunConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type is bool:
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
-                                help=f"{f.metadata['help']} (default: {f.default})")
-        else:
-            parser.add_argument(flag, dest=f.name, type=f.type, default=None, metavar=f.name.upper(),
-                                help=f"{f.metadata['help']} (default: {f.default})")
+from .config import FINETUNE
 
 
 def _parser():
@@ -38,7 +25,11 @@ def _parser():
     finetune = command("finetune", "fine-tune a pretrained encoder on a classification task "
                                                     "(default: MiniLM-L6 on WordNet supersenses)")
     finetune.add_argument("--config", help="TOML file with settings (flags override it)")
-    _add_run_flags(finetune)
+    folder = finetune.add_mutually_exclusive_group()  # what to do when --out already holds a run
+    folder.add_argument("--resume", action="store_true",
+                        help="continue the run in --out from its last checkpoint (a fresh start if it has none)")
+    folder.add_argument("--overwrite", action="store_true", help="delete the run in --out and start afresh")
+    FINETUNE.add_flags(finetune)
 
     evaluate = command("eval", "evaluate a run's best checkpoint on its test split")
     evaluate.add_argument("run_dir")
@@ -84,8 +75,8 @@ def _dispatch(args) -> int:
     """Each command's body is its own module of tinysft.app, imported only when that command runs."""
     if args.command == "finetune":
         from .finetune import finetune
-        overrides = {f.name: getattr(args, f.name) for f in fields(RunConfig)}
-        return finetune(build_config(args.config, overrides))
+        return finetune(FINETUNE.build(args.config, FINETUNE.overrides(args)), resume=args.resume,
+                        overwrite=args.overwrite)
     if args.command == "eval":
         from .evaluate import evaluate
         return evaluate(args.run_dir)

@@ -1,13 +1,48 @@
-"""The settings of a fine-tuning run: defaults, a TOML file, command-line flags.
+"""The settings of a command: one declarative table, read by the CLI flags and the TOML keys alike.
 
-Precedence: flags > ``--config run.toml`` > the defaults below. The defaults are
-the main job: MiniLM-L6 fine-tuned on WordNet supersenses with layer-wise LR
-decay, sized to finish within about ten minutes on two CPU cores. The choices
-of strategy, optimizer, schedule and penalty are read from their owners.
+Each setting is a ``Setting``: its name, type, default, allowed range or choices
+and a one-line meaning. A command declares its table once; the table gives the
+command's flags (``add_flags``), reads a TOML file and the flags into a config
+object (``build``, precedence: flags > ``--config run.toml`` > defaults) and
+checks every value by type and range *before* the command creates anything.
+A refused value raises ``ConfigError`` naming the setting, the value, where it
+came from and what is allowed::
+
+    lr = nan (--lr): allowed: a finite number > 0
+    warmup_ratio = 1.5 (in run.toml): allowed: a number in [0, 1)
+
+Floats are always finite (NaN and ±inf are refused). Checks that involve
+several settings (``batch_size`` divisible by ``accumulation``) are functions
+``config -> message or None`` in the table's ``checks``.
+
+How a command declares its settings (a sketch of a command of its own; a
+setting shared with ``finetune`` is taken from ``FINETUNE`` and, if needed,
+given another default with ``dataclasses.replace``)::
+
+    SFT = Settings("sft", [
+        Setting("lora_r", int, 8, "LoRA rank r", minimum=1),
+        Setting("lora_alpha", float, 16.0, "LoRA scale: ΔW = (alpha/r)·B·A", minimum=0, exclusive=True),
+        Setting("train_on", str, "assistant", "tokens that carry the loss",
+                choices=("assistant", "completion", "all")),
+        Setting("packing", bool, False, "pack several examples into one row"),
+        dataclasses.replace(FINETUNE["lr"], default=2e-4),
+        FINETUNE["seed"], FINETUNE["out"],
+    ], checks=[lambda c: None if c.lora_r <= 1024 else "lora_r above 1024 is not a low rank"])
+    SftConfig = SFT.config_class                       # a dataclass: SftConfig().lora_r == 8
+    SFT.add_flags(subparser)                           # --lora-r, --lora-alpha, --train-on, --[no-]packing, ...
+    config = SFT.build(args.config, SFT.overrides(args))   # validated, or ConfigError
+
+The ``finetune`` table is ``FINETUNE``; ``RunConfig`` is its config class and
+``build_config`` its ``build``. The choices of strategy, optimizer, schedule,
+penalty, pooling and device are read from their owners.
 
 >>> config = build_config(overrides={"lr": "3e-4", "strategy": "full"})
 >>> config.lr, config.strategy
 (0.0003, 'full')
+>>> build_config(overrides={"lr": "nan"})
+Traceback (most recent call last):
+...
+tinysft.app.config.ConfigError: lr = nan (--lr): allowed: a finite number > 0
 >>> print(to_toml({"lr": 0.0003, "progress": False, "out": "runs/a"}), end="")
 lr = 0.0003
 progress = false
@@ -15,136 +50,303 @@ out = "runs/a"
 """
 import dataclasses
 import json
+import math
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
+from typing import Any, Callable
 
 from ..backend import DEVICES
+from ..data.datasets import read_utf8
 from ..finetune.strategies import STRATEGIES
 from ..nn import POOLINGS
 from ..optim import OPTIMIZERS
 from ..optim.regularization import PENALTIES as _PENALTY_KINDS
 from ..optim.schedules import SCHEDULES
 
+__all__ = ["ConfigError", "Setting", "Settings", "FINETUNE", "RunConfig", "build_config", "to_toml", "read_toml"]
+
 
 class ConfigError(ValueError):
-    """A setting that is unknown, of the wrong type or out of range."""
+    """A setting that is unknown, of the wrong type or out of range, or a config file that cannot be read."""
 
 
 PENALTIES = ("none",) + tuple(_PENALTY_KINDS)  # "none": no penalty group keys at all
+_KINDS = (bool, int, float, str)
 
 
-@dataclass
-class RunConfig:
-    """Every knob of ``tinysft finetune`` (each is also a flag: ``--max-length 48``)."""
-    model: str = field(default="auto", metadata={"help": "model folder (config.json, model.safetensors, vocab.txt), "
-                                                         "a Hugging Face name in the offline cache, or 'auto' (MiniLM-L6)"})
-    data: str = field(default="wordnet", metadata={"help": "'wordnet' (supersenses) or a .csv / .jsonl with text,label"})
-    max_examples: int = field(default=3000, metadata={"help": "stratified subsample of the dataset (0 = all)"})
-    val_fraction: float = field(default=0.15, metadata={"help": "share of examples for validation"})
-    test_fraction: float = field(default=0.15, metadata={"help": "share of examples for the test"})
-    strategy: str = field(default="layerwise", metadata={"help": "one of " + ", ".join(STRATEGIES)})
-    optimizer: str = field(default="adamw", metadata={"help": "one of " + ", ".join(OPTIMIZERS)})
-    lr: float = field(default=1e-4, metadata={"help": "learning rate of the top encoder layer"})
-    head_lr: float = field(default=2e-3, metadata={"help": "learning rate of the new classification head"})
-    decay: float = field(default=0.8, metadata={"help": "layer-wise decay: depth l gets lr·decay^l"})
-    weight_decay: float = field(default=0.01, metadata={"help": "decoupled (AdamW) or L2 (SGD/Adam) weight decay"})
-    momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
-    schedule: str = field(default="linear", metadata={"help": "one of " + ", ".join(SCHEDULES)})
-    warmup_ratio: float = field(default=0.1, metadata={"help": "share of steps spent warming up"})
-    epochs: int = field(default=3, metadata={"help": "passes over the training split"})
-    max_steps: int = field(default=0, metadata={"help": "stop after this many optimizer steps (0 = no limit)"})
-    batch_size: int = field(default=32, metadata={"help": "examples per optimizer step"})
-    accumulation: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    max_length: int = field(default=40, metadata={"help": "tokens per example, [CLS] and [SEP] included"})
-    clip: float = field(default=1.0, metadata={"help": "global gradient-norm clip (0 = off)"})
-    penalty: str = field(default="none", metadata={"help": "one of " + ", ".join(PENALTIES)})
-    penalty_lambda: float = field(default=0.0, metadata={"help": "strength λ of the penalty"})
-    dropout: float = field(default=0.1, metadata={"help": "dropout before the head"})
-    pooling: str = field(default="mean", metadata={"help": "one of " + ", ".join(POOLINGS)})
-    patience: int = field(default=2, metadata={"help": "early stopping: epochs without improvement (0 = off)"})
-    min_delta: float = field(default=0.0, metadata={"help": "early stopping: smallest improvement that counts"})
-    gradual_unfreeze: bool = field(default=False, metadata={"help": "layerwise: start with the head alone and unfreeze "
-                                                                     "one more layer group from the top each epoch"})
-    checkpoint_every: int = field(default=0, metadata={"help": "write a resumable checkpoint every N steps (0 = off)"})
-    seed: int = field(default=0, metadata={"help": "seed for splits, shuffling, dropout and the head"})
-    device: str = field(default="cpu", metadata={"help": "one of " + ", ".join(DEVICES)})
-    out: str = field(default="runs/latest", metadata={"help": "run folder for config, metrics, checkpoint, plots"})
-    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+@dataclass(frozen=True)
+class Setting:
+    """One setting: ``name`` (also the TOML key; the flag is ``--name-with-dashes``), its type
+    (bool, int, float or str), ``default``, a one-line ``help`` and what is allowed.
 
-    def validate(self) -> "RunConfig":
-        choices = {"strategy": STRATEGIES, "optimizer": OPTIMIZERS, "schedule": SCHEDULES,
-                   "penalty": PENALTIES, "pooling": POOLINGS, "device": DEVICES}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"{name} = {getattr(self, name)!r} is not one of {', '.join(allowed)}")
-        positive = ("lr", "batch_size", "accumulation", "max_length")
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        if not 0 < self.decay <= 1:
-            raise ConfigError(f"decay must be in (0, 1], got {self.decay}")
-        if self.epochs <= 0 and self.max_steps <= 0:
-            raise ConfigError("set epochs or max_steps to a positive number")
-        if not 0 < self.val_fraction + self.test_fraction < 1:
-            raise ConfigError("val_fraction + test_fraction must be between 0 and 1")
-        if self.batch_size % self.accumulation:
-            raise ConfigError(f"batch_size {self.batch_size} is not divisible by accumulation {self.accumulation}")
-        return self
+    Numbers: ``minimum`` / ``maximum`` bounds, each inclusive unless ``exclusive`` /
+    ``exclusive_max``; floats must also be finite. Strings: ``choices``, or else any
+    non-empty text without NUL characters. ``zero`` says what 0 means ("off", "all")
+    for the help text.
+    """
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+    name: str
+    kind: type
+    default: Any
+    help: str
+    minimum: float | None = None
+    maximum: float | None = None
+    exclusive: bool = False
+    exclusive_max: bool = False
+    choices: tuple | None = None
+    zero: str | None = None
+
+    def __post_init__(self):
+        if self.kind not in _KINDS:
+            raise TypeError(f"setting {self.name}: kind must be one of {[k.__name__ for k in _KINDS]}")
+        self.check(self.default, "default")  # a table whose default is refused is a bug in the table
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    def allowed(self) -> str:
+        """What the setting accepts, in words: "a finite number in [0, 1)", "one of a, b"."""
+        if self.choices is not None:
+            return "one of " + ", ".join(map(str, self.choices))
+        if self.kind is bool:
+            return "true or false"
+        if self.kind is str:
+            return "a non-empty text"
+        noun = "a finite number" if self.kind is float else "an integer"
+        low, high = (None if x is None else f"{x:g}" if self.kind is float else str(x)
+                     for x in (self.minimum, self.maximum))
+        if low is not None and high is not None:
+            text = f"{noun} in {'(' if self.exclusive else '['}{low}, {high}{')' if self.exclusive_max else ']'}"
+        elif low is not None:
+            text = f"{noun} {'>' if self.exclusive else '≥'} {low}"
+        elif high is not None:
+            text = f"{noun} {'<' if self.exclusive_max else '≤'} {high}"
+        else:
+            text = noun
+        return text + (f" (0 = {self.zero})" if self.zero else "")
+
+    def parse(self, value, source: str = "default"):
+        """``value`` (a flag's text or a TOML value) as this setting's type, checked; else ConfigError."""
+        converted = _convert(self.kind, value)
+        if converted is None:
+            raise ConfigError(f"{self.name} = {value!r} ({source}): expected {self.allowed()}")
+        return self.check(converted, source)
+
+    def check(self, value, source: str):
+        """``value`` (already of the right type) if it is allowed, else ConfigError."""
+        if self.choices is not None:
+            ok = value in self.choices
+        elif self.kind in (int, float):
+            ok = (math.isfinite(value)
+                  and (self.minimum is None or (value > self.minimum if self.exclusive else value >= self.minimum))
+                  and (self.maximum is None
+                       or (value < self.maximum if self.exclusive_max else value <= self.maximum)))
+        elif self.kind is str:
+            ok = value != "" and "\0" not in value and _is_unicode(value)
+        else:
+            ok = True
+        if not ok:
+            raise ConfigError(f"{self.name} = {_show(value)} ({source}): allowed: {self.allowed()}")
+        return value
 
 
-def _coerce(name: str, kind, value):
-    """``value`` as the field's type, or a ConfigError that names the field."""
-    if kind is bool and isinstance(value, str):
-        if value.lower() in ("1", "true", "yes", "on"):
-            return True
-        if value.lower() in ("0", "false", "no", "off"):
-            return False
-    elif kind is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+def _is_unicode(text: str) -> bool:
+    """False for text with lone surrogates (a non-UTF-8 file name from the command line)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _show(value) -> str:
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def _convert(kind, value):
+    """``value`` as ``kind``, or None. Text converts as on a command line ("3", "1e-4", "true");
+    TOML values keep their type, except that an integer is accepted where a float belongs."""
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            if kind is bool:
+                return {"1": True, "true": True, "yes": True, "on": True,
+                        "0": False, "false": False, "no": False, "off": False}.get(text.lower())
+            if kind is int:
+                return int(text, 10) if text.lstrip("+-").isdigit() else _integral(float(text))
+            if kind is float:
+                return float(text)
+        except (ValueError, OverflowError):
+            return None
+        return value
+    if isinstance(value, bool):
+        return value if kind is bool else None
+    if kind is float and isinstance(value, (int, float)):
         try:
             return float(value)
-        except ValueError:
-            pass
-    elif kind is int and not isinstance(value, bool):
-        try:
-            if float(value) == int(float(value)):
-                return int(float(value))
-        except (TypeError, ValueError, OverflowError):
-            pass
-    elif isinstance(value, kind):
-        return value
-    article = "an" if kind.__name__[0] in "aeiou" else "a"
-    raise ConfigError(f"{name} must be {article} {kind.__name__}, got {value!r}")
+        except OverflowError:
+            return None
+    if kind is int and isinstance(value, float):
+        return _integral(value)
+    return value if isinstance(value, kind) else None
 
 
-def build_config(toml_path=None, overrides=None) -> RunConfig:
-    """Defaults, then the TOML file's keys, then ``overrides`` (flags); validated."""
-    settings = {}
-    if toml_path is not None:
-        try:
-            with open(toml_path, "rb") as handle:
-                settings.update(tomllib.load(handle))
-        except FileNotFoundError:
-            raise ConfigError(f"config file {toml_path} does not exist") from None
-        except tomllib.TOMLDecodeError as error:
-            raise ConfigError(f"config file {toml_path} is not valid TOML: {error}") from None
-    settings.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    known = {f.name: f.type for f in fields(RunConfig)}
-    unknown = sorted(set(settings) - set(known))
-    if unknown:
-        raise ConfigError(f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(known)}")
-    return RunConfig(**{k: _coerce(k, known[k], v) for k, v in settings.items()}).validate()
+def _integral(x: float):
+    """An integer-valued float ("1e3") as an int; None otherwise (3.5, inf, nan)."""
+    return int(x) if math.isfinite(x) and x == int(x) else None
+
+
+class Settings:
+    """A command's table of settings; see the module docstring for how a command declares one.
+
+    ``table[name]`` is a Setting; ``config_class`` is a dataclass with one field per setting
+    (``to_dict()`` gives the values by name); ``checks`` are ``config -> message or None``.
+    """
+
+    def __init__(self, command: str, settings, checks: tuple[Callable] = ()):
+        self.command, self.settings, self.checks = command, {}, tuple(checks)
+        for s in settings:
+            if s.name in self.settings:
+                raise ValueError(f"setting {s.name} is declared twice in the {command} table")
+            self.settings[s.name] = s
+        fields = [(s.name, s.kind, dataclasses.field(default=s.default, metadata={"setting": s}))
+                  for s in self.settings.values()]
+        self.config_class = dataclasses.make_dataclass(
+            f"{command.title().replace('_', '')}Config", fields,
+            namespace={"to_dict": lambda self: dataclasses.asdict(self),
+                       "__doc__": f"The settings of ``tinysft {command}`` (see its Settings table)."})
+
+    def __getitem__(self, name: str) -> Setting:
+        return self.settings[name]
+
+    def __iter__(self):
+        return iter(self.settings.values())
+
+    def add_flags(self, parser) -> None:
+        """One flag per setting; a flag left unset leaves the config file or the default in force."""
+        import argparse
+        for s in self:
+            meaning = f"{s.help}; {s.allowed()} (default: {s.default})"
+            if s.kind is bool:
+                parser.add_argument(s.flag, dest=s.name, action=argparse.BooleanOptionalAction, default=None,
+                                    help=meaning)
+            else:
+                parser.add_argument(s.flag, dest=s.name, default=None, metavar=s.name.upper(), help=meaning)
+
+    def overrides(self, args) -> dict:
+        """The flags given on the command line (parsed by ``add_flags``), by setting name."""
+        return {s.name: getattr(args, s.name) for s in self if getattr(args, s.name, None) is not None}
+
+    def build(self, toml_path=None, overrides=None):
+        """Defaults, then the TOML file's keys, then ``overrides`` (flags); every value checked."""
+        given = {}  # name -> (value, where it came from)
+        if toml_path is not None:
+            given.update({k: (v, f"in {toml_path}") for k, v in read_toml(toml_path).items()})
+        given.update({k: (v, self.settings[k].flag if k in self.settings else "--" + k)
+                      for k, v in (overrides or {}).items() if v is not None})
+        unknown = sorted(set(given) - set(self.settings))
+        if unknown:
+            where = sorted({given[k][1] for k in unknown})
+            raise ConfigError(f"unknown setting(s) {', '.join(unknown)} ({'; '.join(where)}); "
+                              f"known: {', '.join(self.settings)}")
+        config = self.config_class(**{k: self.settings[k].parse(v, where) for k, (v, where) in given.items()})
+        for check in self.checks:
+            message = check(config)
+            if message:
+                raise ConfigError(message)
+        return config
+
+
+def read_toml(path) -> dict:
+    """The key/value pairs of a TOML file; ConfigError naming the file if it cannot be read."""
+    text = read_utf8(path, ConfigError)
+    try:
+        return tomllib.loads(text)
+    except (tomllib.TOMLDecodeError, RecursionError) as error:
+        raise ConfigError(f"{path} is not valid TOML: {error}") from None
+
+
+# --------------------------------------------------------------------------- finetune
+
+def _split_leaves_training(c):
+    if c.val_fraction + c.test_fraction >= 1:
+        return (f"val_fraction + test_fraction = {c.val_fraction + c.test_fraction:g}: must be below 1 "
+                "(the training split gets the rest)")
+
+
+def _has_a_length(c):
+    if c.epochs == 0 and c.max_steps == 0:
+        return "epochs = 0 and max_steps = 0: set either to a positive number"
+
+
+def _accumulation_divides_batch(c):
+    if c.batch_size % c.accumulation:
+        return f"batch_size = {c.batch_size} is not divisible by accumulation = {c.accumulation}"
+
+
+def _penalty_has_a_strength(c):
+    if c.penalty == "none" and c.penalty_lambda:
+        return f"penalty_lambda = {c.penalty_lambda:g} needs a penalty (one of {', '.join(PENALTIES[1:])})"
+
+
+FINETUNE = Settings("finetune", [
+    Setting("model", str, "auto", "model folder (config.json, model.safetensors, vocab.txt), "
+                                  "a Hugging Face name in the offline cache, or 'auto' (MiniLM-L6)"),
+    Setting("data", str, "wordnet", "'wordnet' (supersenses) or a .csv / .jsonl with text,label"),
+    Setting("max_examples", int, 3000, "stratified subsample of the dataset", minimum=0, zero="all"),
+    Setting("val_fraction", float, 0.15, "share of examples for validation", minimum=0, maximum=1,
+            exclusive=True, exclusive_max=True),
+    Setting("test_fraction", float, 0.15, "share of examples for the test", minimum=0, maximum=1,
+            exclusive=True, exclusive_max=True),
+    Setting("strategy", str, "layerwise", "fine-tuning strategy", choices=tuple(STRATEGIES)),
+    Setting("optimizer", str, "adamw", "optimizer", choices=tuple(OPTIMIZERS)),
+    Setting("lr", float, 1e-4, "learning rate of the top encoder layer", minimum=0, exclusive=True),
+    Setting("head_lr", float, 2e-3, "learning rate of the new classification head", minimum=0, exclusive=True),
+    Setting("decay", float, 0.8, "layer-wise decay: depth l gets lr·decay^l", minimum=0, maximum=1, exclusive=True),
+    Setting("weight_decay", float, 0.01, "decoupled (AdamW) or L2 (SGD/Adam) weight decay", minimum=0),
+    Setting("momentum", float, 0.9, "SGD momentum", minimum=0, maximum=1, exclusive_max=True),
+    Setting("schedule", str, "linear", "learning-rate schedule", choices=tuple(SCHEDULES)),
+    Setting("warmup_ratio", float, 0.1, "share of steps spent warming up", minimum=0, maximum=1, exclusive_max=True),
+    Setting("epochs", int, 3, "passes over the training split", minimum=0, zero="max_steps alone"),
+    Setting("max_steps", int, 0, "stop after this many optimizer steps", minimum=0, zero="no limit"),
+    Setting("batch_size", int, 32, "examples per optimizer step", minimum=1),
+    Setting("accumulation", int, 1, "micro-batches per optimizer step", minimum=1),
+    Setting("max_length", int, 40, "tokens per example, [CLS] and [SEP] included", minimum=3),
+    Setting("clip", float, 1.0, "global gradient-norm clip", minimum=0, zero="off"),
+    Setting("penalty", str, "none", "weight penalty of every group", choices=tuple(PENALTIES)),
+    Setting("penalty_lambda", float, 0.0, "strength λ of the penalty", minimum=0),
+    Setting("dropout", float, 0.1, "dropout before the head", minimum=0, maximum=1, exclusive_max=True),
+    Setting("pooling", str, "mean", "how token states become one vector", choices=tuple(POOLINGS)),
+    Setting("patience", int, 2, "early stopping: epochs without improvement", minimum=0, zero="off"),
+    Setting("min_delta", float, 0.0, "early stopping: smallest improvement that counts", minimum=0),
+    Setting("gradual_unfreeze", bool, False, "layerwise: start with the head alone and unfreeze "
+                                             "one more layer group from the top each epoch"),
+    Setting("checkpoint_every", int, 0, "write a resumable checkpoint every N steps", minimum=0, zero="off"),
+    Setting("log_every", int, 5, "write a training record to metrics.jsonl every N steps (and the last)",
+            minimum=1),
+    Setting("seed", int, 0, "seed for the subsample and the splits, and (unless train_seed is set) for "
+                            "shuffling, dropout and the head", minimum=0, maximum=2**32 - 1),
+    Setting("train_seed", int, -1, "seed for shuffling, dropout and the head alone (-1: seed); runs that differ "
+                                   "only in it share their splits, as an ensemble's members do",
+            minimum=-1, maximum=2**32 - 1),
+    Setting("device", str, "cpu", "where tensors live", choices=tuple(DEVICES)),
+    Setting("out", str, "runs/latest", "run folder for config, metrics, checkpoint, plots"),
+    Setting("progress", bool, True, "show a progress bar"),
+], checks=[_split_leaves_training, _has_a_length, _accumulation_divides_batch, _penalty_has_a_strength])
+
+RunConfig = FINETUNE.config_class
+build_config = FINETUNE.build
 
 
 def to_toml(settings: dict) -> str:
-    """Flat ``key = value`` TOML for str, bool, int and float values (what RunConfig holds);
-    ``build_config`` reads it back to the same settings."""
+    """Flat ``key = value`` TOML for str, bool, int and float values (what a config holds);
+    ``Settings.build`` reads it back to the same settings."""
     def value(v):
         if isinstance(v, bool):
             return "true" if v else "false"
         if isinstance(v, str):
-            return json.dumps(v)  # a JSON string is a valid TOML basic string
+            # JSON's escapes are TOML's, but TOML also wants DEL escaped (and no surrogate pairs)
+            return json.dumps(v, ensure_ascii=False).replace("\x7f", "\\u007f")
         return repr(v)
     return "".join(f"{k} = {value(v)}\n" for k, v in settings.items())

@@ -1,29 +1,51 @@
-"""``tinysft finetune``: load the data, build the model and the plan, train, test, write the run folder."""
+"""``tinysft finetune``: check the settings and the folder, load the data and the model, build the plan,
+train, test, write the run folder (see ``run_folder`` for what a crash leaves and how a run resumes)."""
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 from .. import rng
-from ..data import DataLoader, WordPieceTokenizer, load_dataset, tokenizing_collate, train_val_test
-from ..finetune import EarlyStopping, Trainer, prepare
+from ..data import DataLoader, load_dataset, tokenizing_collate, train_val_test
+from ..finetune import EarlyStopping, NonFiniteLossError, Trainer, prepare
 from ..models import BertForSequenceClassification, locate_model
 from ..optim import NO_DECAY, optimizer_by_name, schedule_by_name
-from .config import RunConfig
+from .config import ConfigError, RunConfig
+from .files import read_model_config, read_tokenizer
 from .output import format_metrics, say
 from .plots import plot_run
-from .run_folder import CHECKPOINT, METRICS, write_run
+from .run_folder import CHECKPOINT, FINISHED, FRESH, METRICS, RESUME, begin_run, clear, start, write_run
 
 
-def finetune(config: RunConfig) -> int:
-    """Fine-tune, evaluate on the test split, write the run folder; prints test metrics."""
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss); the message says at which step and what to try."""
+
+
+def finetune(config: RunConfig, resume: bool = False, overwrite: bool = False) -> int:
+    """Fine-tune, evaluate on the test split, write the run folder; prints test metrics.
+
+    Everything that can be refused (the folder, the model's files, the data, the splits)
+    is checked before the run folder is touched.
+    """
     started = time.perf_counter()
     out = Path(config.out)
-    rng.manual_seed(config.seed)
+    how = start(out, config, resume, overwrite)
+    if how == FINISHED:
+        say(f"run folder: {out} holds a finished run (run.json): nothing to resume (--overwrite trains it again)")
+        return 0
+    rng.manual_seed(training_seed(config))
 
     model_dir = locate_model(None if config.model == "auto" else config.model)
-    tokenizer = WordPieceTokenizer.from_dir(model_dir)
-    dataset = load_dataset(config.data, config.max_examples, config.seed)
-    train, val, test = train_val_test(dataset, config.val_fraction, config.test_fraction, config.seed)
+    positions = read_model_config(model_dir).max_position_embeddings
+    if config.max_length > positions:
+        raise ConfigError(f"max_length = {config.max_length}: allowed: at most {positions} for {model_dir} "
+                          "(max_position_embeddings in its config.json)")
+    tokenizer = read_tokenizer(model_dir)
+    dataset, (train, val, test) = load_splits(config)
+    if dataset.num_classes < 2:
+        raise ConfigError(f"data {config.data} has the single label {dataset.label_names[0]!r}: "
+                          "a classifier needs at least two")
     say(f"data: {config.data} — {dataset.num_classes} classes; train {len(train)}, validation {len(val)}, "
         f"test {len(test)}")
     train_loader, val_loader, test_loader = build_loaders(config, tokenizer, train, val, test)
@@ -37,15 +59,26 @@ def finetune(config: RunConfig) -> int:
     plan = prepare(model, config.strategy, config.lr, weight_decay=config.weight_decay, no_decay=NO_DECAY,
                    **strategy_options(config, train_loader))
     if config.strategy == "feature_extraction":
-        train_loader = plan.features(train_loader, shuffle=True, seed=config.seed)
+        train_loader = plan.features(train_loader, shuffle=True, seed=training_seed(config))
         val_loader = plan.features(val_loader)
         test_loader = plan.features(test_loader)
     apply_head_lr_and_penalty(config, plan.param_groups)
     optimizer = build_optimizer(config, plan.param_groups)
-    out.mkdir(parents=True, exist_ok=True)  # only now: a run that cannot start leaves no folder behind
+    if how == FRESH:
+        clear(out)  # only now: a run that cannot start leaves the folder as it was
+    begin_run(out, config)
 
-    trainer = build_trainer(config, plan, optimizer, train_loader, val_loader, dataset.num_classes, out)
-    trainer.fit()
+    trainer = build_trainer(config, plan, optimizer, train_loader, val_loader, dataset.num_classes, out,
+                            resume=how == RESUME)
+    try:
+        with np.errstate(all="ignore"):  # the Trainer itself stops at the first non-finite loss or gradient
+            trainer.fit()
+    except NonFiniteLossError as error:
+        resumable = " or --resume from its last checkpoint" if config.checkpoint_every else ""
+        raise TrainingError(f"training stopped at step {error.step} (epoch {error.epoch}): the {error.what} became "
+                            f"{error.value}, so that step was not applied; try a lower --lr / --head-lr, --clip 1.0 "
+                            f"or look for bad examples in {config.data}, then rerun with --overwrite{resumable}") \
+            from None
     train_seconds = time.perf_counter() - started
 
     test_metrics = trainer.evaluate(test_loader)
@@ -62,11 +95,28 @@ def finetune(config: RunConfig) -> int:
     return 0
 
 
+def load_splits(config: RunConfig, label_names=None):
+    """(dataset, (train, validation, test)) as the config draws them; ConfigError if a split is empty."""
+    dataset = load_dataset(config.data, config.max_examples, config.seed, label_names)
+    parts = train_val_test(dataset, config.val_fraction, config.test_fraction, config.seed)
+    for name, part in zip(("training", "validation", "test"), parts):
+        if not len(part):
+            raise ConfigError(f"data {config.data}: the {name} split is empty ({len(dataset)} examples, "
+                              f"val_fraction {config.val_fraction:g}, test_fraction {config.test_fraction:g}): "
+                              "use more examples or other fractions")
+    return dataset, parts
+
+
+def training_seed(config: RunConfig) -> int:
+    """The seed of the head's initialisation, dropout and shuffling: ``train_seed``, or ``seed`` when it is -1."""
+    return config.seed if config.train_seed < 0 else config.train_seed
+
+
 def build_loaders(config: RunConfig, tokenizer, train, val, test):
     """Shuffled micro-batches of the training split; the other two in order, 64 at a time."""
     collate = tokenizing_collate(tokenizer, config.max_length)
     micro_batch = config.batch_size // config.accumulation
-    return (DataLoader(train, micro_batch, shuffle=True, seed=config.seed, collate=collate),
+    return (DataLoader(train, micro_batch, shuffle=True, seed=training_seed(config), collate=collate),
             DataLoader(val, 64, shuffle=False, collate=collate),
             DataLoader(test, 64, shuffle=False, collate=collate))
 
@@ -98,7 +148,8 @@ def build_optimizer(config: RunConfig, param_groups):
     return optimizer_by_name(config.optimizer, param_groups, lr=config.lr, **hyper)
 
 
-def build_trainer(config: RunConfig, plan, optimizer, train_loader, val_loader, num_classes: int, out: Path):
+def build_trainer(config: RunConfig, plan, optimizer, train_loader, val_loader, num_classes: int, out: Path,
+                  resume: bool = False):
     """The Trainer with the config's schedule, clipping, early stopping, logging and checkpoints."""
     def schedule(opt, total_steps):
         return schedule_by_name(config.schedule, opt, total_steps, config.warmup_ratio)
@@ -110,9 +161,9 @@ def build_trainer(config: RunConfig, plan, optimizer, train_loader, val_loader, 
         accumulation_steps=config.accumulation, max_grad_norm=config.clip or None,
         schedule=schedule, num_classes=num_classes, early_stopping=stopping,
         on_epoch_start=plan.on_epoch_start, layer_of=plan.layer_of(), callbacks=[EpochPrinter()],
-        log_path=out / METRICS, log_every=5, progress=config.progress and sys.stderr.isatty(),
+        log_path=out / METRICS, log_every=config.log_every, progress=config.progress and sys.stderr.isatty(),
         checkpoint_dir=out / CHECKPOINT if config.checkpoint_every else None,
-        checkpoint_every=config.checkpoint_every or None)
+        checkpoint_every=config.checkpoint_every or None, resume=resume)
 
 
 class EpochPrinter:

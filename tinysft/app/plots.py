@@ -7,6 +7,8 @@ update_ratio.png    ‖Δθ‖/‖θ‖ per layer group per step (log scale)
 import json
 from pathlib import Path
 
+PLOTS = ("loss.png", "learning_rate.png", "update_ratio.png")  # in the order above
+
 
 def read_metrics(path):
     """(train records, eval records) from a metrics.jsonl file."""
@@ -48,10 +50,10 @@ def plot_run(run_dir) -> list:
     accuracy_axis.set(xlabel="step", ylabel="score", title="validation", ylim=(0, 1))
     loss_axis.legend()
     accuracy_axis.legend()
-    save(figure, "loss.png")
+    save(figure, PLOTS[0])
 
-    for key, name, title, log in (("lr", "learning_rate.png", "learning rate per group", False),
-                                  ("update_ratio", "update_ratio.png", "‖Δθ‖/‖θ‖ per layer group", True)):
+    for key, name, title, log in (("lr", PLOTS[1], "learning rate per group", False),
+                                  ("update_ratio", PLOTS[2], "‖Δθ‖/‖θ‖ per layer group", True)):
         # a ".no_decay" twin shares its group's rate; plotting it would hide the other lines
         groups = sorted({g for r in train for g in r.get(key, {}) if not g.endswith(".no_decay")})
         if not groups:

@@ -7,12 +7,13 @@
 
 Labels are mapped to ids by their sorted names (numerically when every label is an
 integer, so "10" comes after "9"), or by position in an explicit `label_names`
-list, in which case a label outside the list raises DatasetError.
+list, in which case a label outside the list raises UnknownLabelError (a DatasetError).
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from collections.abc import Sequence
@@ -20,11 +21,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["DatasetError", "TextClassificationDataset", "ArrayDataset", "load_csv", "load_jsonl", "encode_labels"]
+__all__ = ["DatasetError", "UnknownLabelError", "TextClassificationDataset", "ArrayDataset", "load_csv", "load_jsonl", "encode_labels",
+           "read_utf8"]
 
 
 class DatasetError(ValueError):
     """A data file is missing, empty or malformed, or a label is unknown."""
+
+
+class UnknownLabelError(DatasetError):
+    """A label outside the given `label_names`."""
 
 
 @dataclass
@@ -88,6 +94,23 @@ class ArrayDataset:
         return {k: v[rows] for k, v in self.arrays.items()}
 
 
+def read_utf8(path: str | os.PathLike, error: type[Exception] = DatasetError) -> str:
+    """The text of the UTF-8 file `path` (a leading BOM dropped); `error` naming the file, and the
+    line of the first byte that is not UTF-8, if it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise error(f"{os.fspath(path)} does not exist") from None
+    except OSError as e:
+        raise error(f"{os.fspath(path)} cannot be read: {e.strerror or e}") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise error(f"{os.fspath(path)}: line {line}: byte 0x{data[e.start]:02x} is not UTF-8 text") from None
+
+
 def _sorted_label_names(raw: Sequence) -> list[str]:
     names = {str(x) for x in raw}
     try:
@@ -104,7 +127,7 @@ def encode_labels(raw: Sequence, where: Sequence[str], label_names: Sequence[str
     ids = np.empty(len(raw), dtype=np.int64)
     for i, label in enumerate(raw):
         if str(label) not in index:
-            raise DatasetError(f"{path}: {where[i]}: unknown label {label!r} (expected one of {names})")
+            raise UnknownLabelError(f"{path}: {where[i]}: unknown label {label!r} (expected one of {names})")
         ids[i] = index[str(label)]
     return ids, names
 
@@ -120,11 +143,12 @@ def _dataset(path: str, texts: list[str], raw: list, where: list[str],
 
 def load_csv(path: str | os.PathLike, text_col: str = "text", label_col: str = "label",
              label_names: Sequence[str] | None = None) -> TextClassificationDataset:
-    """Load a CSV file with a header row naming at least `text_col` and `label_col`."""
+    """Load a UTF-8 CSV file with a header row naming at least `text_col` and `label_col`; every
+    row needs a non-empty label."""
     path = os.fspath(path)
     texts, raw, where = [], [], []
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
+    reader = csv.DictReader(io.StringIO(read_utf8(path), newline=""))
+    try:
         if reader.fieldnames is None:
             raise DatasetError(f"{path}: the file is empty (expected a header row)")
         missing = [c for c in (text_col, label_col) if c not in reader.fieldnames]
@@ -133,33 +157,43 @@ def load_csv(path: str | os.PathLike, text_col: str = "text", label_col: str = "
         for row in reader:
             if row[text_col] is None or row[label_col] is None:
                 raise DatasetError(f"{path}: line {reader.line_num}: too few fields")
+            if not row[label_col].strip():
+                raise DatasetError(f"{path}: line {reader.line_num}: empty label")
             texts.append(row[text_col])
             raw.append(row[label_col])
             where.append(f"line {reader.line_num}")
+    except csv.Error as e:
+        raise DatasetError(f"{path}: line {reader.line_num}: {e}") from None
     return _dataset(path, texts, raw, where, label_names)
 
 
 def load_jsonl(path: str | os.PathLike, text_col: str = "text", label_col: str = "label",
                label_names: Sequence[str] | None = None) -> TextClassificationDataset:
-    """Load a JSON-lines file, one object per line; blank lines are skipped."""
+    """Load a UTF-8 JSON-lines file, one object per line (blank lines skipped); a label is a
+    non-empty string or an integer."""
     path = os.fspath(path)
     texts, raw, where = [], [], []
-    with open(path, encoding="utf-8") as f:
-        for line_num, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DatasetError(f"{path}: line {line_num}: invalid JSON: {e}") from None
-            if not isinstance(record, dict):
-                raise DatasetError(f"{path}: line {line_num}: expected a JSON object, got {type(record).__name__}")
-            missing = [c for c in (text_col, label_col) if c not in record]
-            if missing:
-                raise DatasetError(f"{path}: line {line_num}: missing key(s) {missing}")
-            if not isinstance(record[text_col], str):
-                raise DatasetError(f"{path}: line {line_num}: {text_col!r} must be a string")
-            texts.append(record[text_col])
-            raw.append(record[label_col])
-            where.append(f"line {line_num}")
+    for line_num, line in enumerate(read_utf8(path).split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as e:
+            raise DatasetError(f"{path}: line {line_num}: invalid JSON: {e}") from None
+        except RecursionError:
+            raise DatasetError(f"{path}: line {line_num}: JSON nested too deeply") from None
+        if not isinstance(record, dict):
+            raise DatasetError(f"{path}: line {line_num}: expected a JSON object, got {type(record).__name__}")
+        missing = [c for c in (text_col, label_col) if c not in record]
+        if missing:
+            raise DatasetError(f"{path}: line {line_num}: missing key(s) {missing}")
+        if not isinstance(record[text_col], str):
+            raise DatasetError(f"{path}: line {line_num}: {text_col!r} must be a string")
+        label = record[label_col]
+        if isinstance(label, bool) or not isinstance(label, (str, int)) or not str(label).strip():
+            raise DatasetError(f"{path}: line {line_num}: {label_col!r} must be a non-empty string or an "
+                               f"integer, got {label!r}")
+        texts.append(record[text_col])
+        raw.append(label)
+        where.append(f"line {line_num}")
     return _dataset(path, texts, raw, where, label_names)

@@ -127,7 +127,9 @@ class MetricsLog:
     ``truncate(step)`` keeps only what was logged up to a checkpoint taken
     right after optimizer step ``step``: "train" records up to that step and
     other records (evaluations) before it. A resumed run then rewrites what
-    the interrupted one logged after its checkpoint.
+    the interrupted one logged after its checkpoint. ``clear()`` empties the
+    log for a run that starts afresh. Both replace the file atomically, and
+    both (and ``read``) pass over a last line cut short by a crash mid-write.
     """
 
     def __init__(self, path):
@@ -140,13 +142,31 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
 
     def read(self) -> list:
+        """The records, in order; ValueError naming the file and line for a spoilt line other than the last."""
         if not os.path.exists(self.path):
             return []
-        with open(self.path, encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
+        with open(self.path, "rb") as f:
+            lines = f.read().split(b"\n")
+        records = []
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                if number == len(lines):  # no newline after it: a write cut short
+                    break
+                raise ValueError(f"{self.path}: line {number} is not a JSON record") from None
+        return records
 
     def truncate(self, step: int) -> None:
         kept = [r for r in self.read()
                 if r.get("step", 0) < step or (r.get("step", 0) == step and r.get("event") == "train")]
+        self._replace("".join(json.dumps(r) + "\n" for r in kept))
+
+    def clear(self) -> None:
+        self._replace("")
+
+    def _replace(self, text: str) -> None:
         from ..io.atomic import atomic_write_text
-        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        atomic_write_text(self.path, text)

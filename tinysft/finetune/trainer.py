@@ -24,7 +24,10 @@ step. ``log_path`` gets one JSON line per ``log_every`` steps::
      "lr": {"head": 2e-05, "layer.1": 1.8e-05}, "grad_norm": 1.3,
      "update_ratio": {"head": 0.0011, "layer.1": 0.0004}}     # ‖Δθ‖/‖θ‖ per layer
 
-and one ``{"event": "eval", ...}`` line per evaluation.
+and one ``{"event": "eval", ...}`` line per evaluation. The log describes the one
+run the Trainer holds: a Trainer that starts afresh empties it when built, and resuming cuts it back
+to the checkpoint's step, so a run killed and resumed any number of times logs
+each step once, as an uninterrupted run would.
 
 Checkpoints (``checkpoint_dir`` + ``checkpoint_every`` steps) hold the weights,
 the optimizer and schedule state, the RNG state of ``tinysft.rng`` (dropout),
@@ -94,9 +97,11 @@ class Trainer:
         self.count_fn = count_fn or (lambda b: count_examples(b, ignore_index))
         self.evaluate_fn, self.early_stopping = evaluate_fn, early_stopping
         self.on_epoch_start, self.callbacks = on_epoch_start, list(callbacks)
-        self.log = MetricsLog(log_path) if log_path is not None else None
         self.log_every, self.progress = max(1, log_every), progress
         self.checkpoint_dir, self.checkpoint_every, self.resume = checkpoint_dir, checkpoint_every, resume
+        self.log = MetricsLog(log_path) if log_path is not None else None
+        if self.log is not None and not self._resumes():
+            self.log.clear()  # a run that starts afresh starts its log afresh
 
         self.batches_per_epoch = len(train_loader) if hasattr(train_loader, "__len__") else None
         self.steps_per_epoch = (None if self.batches_per_epoch is None
@@ -126,8 +131,7 @@ class Trainer:
 
     def fit(self) -> list:
         """Train to the end (or early stop); returns the evaluation history."""
-        if self.resume and self.checkpoint_dir is not None and os.path.exists(
-                os.path.join(self.checkpoint_dir, "state.json")):
+        if self._resumes():
             self.load_checkpoint()
         self._clear_grads()
         bar = ProgressBar(self.total_steps, enabled=self.progress)
@@ -146,6 +150,11 @@ class Trainer:
         if self.early_stopping is not None:
             self.early_stopping.restore(self.model)
         return self.history
+
+    def _resumes(self) -> bool:
+        """Whether ``fit`` continues from a checkpoint."""
+        return bool(self.resume and self.checkpoint_dir is not None
+                    and os.path.exists(os.path.join(self.checkpoint_dir, "state.json")))
 
     def _finished(self) -> bool:
         return ((self.epochs is not None and self.epoch >= self.epochs)
