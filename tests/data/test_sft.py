@@ -191,6 +191,21 @@ def test_packing_properties(drawn, max_length):
     assert got == want  # every token of every kept example once, in order, first label ignored
 
 
+@given(st.lists(st.integers(2, 30), min_size=1, max_size=60), st.integers(30, 64))
+def test_packing_matches_a_plain_first_fit_decreasing(lengths, max_length):
+    encoded = encoded_examples([(n, np.ones(n, bool)) for n in lengths])
+    rows, room = [], []  # the reference: scan the rows in order for each example, longest first
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        r = next((r for r in range(len(rows)) if room[r] >= lengths[i]), len(rows))
+        if r == len(rows):
+            rows.append([])
+            room.append(max_length)
+        rows[r].append(int(encoded[i]["input_ids"][0]))
+        room[r] -= lengths[i]
+    packed = pack_examples(encoded, max_length)
+    assert [row["input_ids"][row["position_ids"] == 0].tolist() for row in packed] == rows
+
+
 def test_packing_is_first_fit_decreasing():
     encoded = encoded_examples([(n, np.ones(n, bool)) for n in (3, 5, 2, 4)])  # ids start 10, 13, 18, 20
     rows = pack_examples(encoded, 7)

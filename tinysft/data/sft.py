@@ -97,10 +97,15 @@ class _RowError(ValueError):
 
 
 class _Number:
-    """A JSON number, left unconverted (no example field is a number; converting is superlinear)."""
+    """What every JSON number decodes to: no example field is a number, and converting a long
+    digit string to an int is superlinear."""
 
-    def __init__(self, text: str):
-        self.text = text
+
+_NUMBER = _Number()
+
+
+def _number(_text: str) -> _Number:
+    return _NUMBER
 
 
 def _kind(value) -> str:
@@ -164,10 +169,10 @@ def _row(record) -> tuple[str, dict]:
         return "chat", {"messages": out}
     if "prompt" in record or "completion" in record:
         _check_keys(record, _FORMATS["prompt/completion"], "a prompt/completion row")
-        missing = [k for k in ("prompt", "completion") if k not in record]
+        missing = [k for k in _FORMATS["prompt/completion"] if k not in record]
         if missing:
             raise _RowError(f"a prompt/completion row has no {missing[0]!r}")
-        return "prompt/completion", {k: _string(record[k], repr(k)) for k in ("prompt", "completion")}
+        return "prompt/completion", {k: _string(record[k], repr(k)) for k in _FORMATS["prompt/completion"]}
     raise _RowError(f"expected 'messages' (chat) or 'prompt' and 'completion'; the row has keys "
                     f"{', '.join(repr(k)[:80] for k in list(record)[:5]) or 'none'}")
 
@@ -179,8 +184,10 @@ def read_sft_jsonl(path: str | os.PathLike, max_line_bytes: int = MAX_LINE_BYTES
     any malformed row raises `DatasetError("FILE:LINE: ...")`.
     """
     path = os.fspath(path)
-    decoder = json.JSONDecoder(object_pairs_hook=_object, parse_int=_Number, parse_float=_Number,
-                               parse_constant=_Number)
+    if not isinstance(max_line_bytes, int) or max_line_bytes < 1:
+        raise ValueError(f"max_line_bytes must be a positive int, got {max_line_bytes!r}")
+    decoder = json.JSONDecoder(object_pairs_hook=_object, parse_int=_number, parse_float=_number,
+                               parse_constant=_number)
     examples, first = [], None  # first: (format, line) of the first example
     with open(path, "rb") as f:
         line_num = 0
