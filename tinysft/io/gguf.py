@@ -33,7 +33,7 @@ import mmap
 import os
 import struct
 from collections.abc import Mapping
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -77,8 +77,7 @@ class GGUFError(ValueError):
     """A GGUF file (or the tensors and metadata to be written) is malformed or unsupported."""
 
 
-@dataclass(frozen=True)
-class GGUFTensorInfo:
+class GGUFTensorInfo(NamedTuple):
     """One tensor's header entry. `shape` is in NumPy order (GGUF dims reversed); `offset` is the
     absolute file offset of its first byte and `nbytes` its stored (possibly quantised) size."""
 
