@@ -21,6 +21,11 @@ as T grows (Hinton et al. 2015).
 
     trainer = distill(student, teacher, train_loader, AdamW(student.parameters(), lr=1e-4),
                       temperature=2.0, alpha=0.5, epochs=3, eval_loader=dev_loader)
+
+The student. ``student_from_teacher`` builds a shallower copy of a BERT classifier, as
+DistilBERT was made from BERT: the same embeddings, the teacher's encoder layers
+``layers`` (by default every other one from the bottom: 0, 2, 4 of 6) as its layers
+0, 1, 2, ..., and the teacher's head; every tensor copied, the teacher unchanged.
 """
 import numpy as np
 
@@ -28,7 +33,7 @@ from .. import functional as F
 from ..tensor import Tensor, no_grad
 from .batch import forward, labels_of
 
-__all__ = ["kd_loss", "DistillationLoss", "distill"]
+__all__ = ["kd_loss", "DistillationLoss", "distill", "student_from_teacher", "every_other_layer"]
 
 
 def _teacher_log_probs(teacher_logits, temperature):
@@ -110,3 +115,37 @@ def distill(student, teacher, train_loader, optimizer, temperature: float = 2.0,
                       **trainer_kwargs)
     trainer.fit()
     return trainer
+
+
+def every_other_layer(num_layers: int) -> list:
+    """Layers 0, 2, 4, ... of a ``num_layers``-layer encoder: DistilBERT's choice of student layers."""
+    return list(range(0, num_layers, 2))
+
+
+def student_from_teacher(teacher, layers=None):
+    """A BertForSequenceClassification whose layer j is a copy of the teacher's layer ``layers[j]``
+    (default ``every_other_layer``), with copies of its embeddings and head; in training mode."""
+    import dataclasses
+
+    from ..models.bert import BertForSequenceClassification
+    config = teacher.bert.config
+    layers = every_other_layer(config.num_hidden_layers) if layers is None else [int(i) for i in layers]
+    if not layers or sorted(set(layers)) != layers or not 0 <= layers[0] <= layers[-1] < config.num_hidden_layers:
+        raise ValueError(f"student layers must be increasing layer numbers of the teacher's 0..."
+                         f"{config.num_hidden_layers - 1}, got {layers}")
+    student = BertForSequenceClassification(dataclasses.replace(config, num_hidden_layers=len(layers)),
+                                            teacher.num_labels, teacher.pooling, teacher.head.dropout.p,
+                                            teacher.use_pooler)
+    student.astype(teacher.bert.embeddings.word_embeddings.weight.dtype)
+    prefix = "bert.encoder.layer."
+    renumber = {f"{prefix}{old}.": f"{prefix}{new}." for new, old in enumerate(layers)}
+    state = {}
+    for name, value in teacher.state_dict().items():  # copies
+        if not name.startswith(prefix):
+            state[name] = value
+            continue
+        layer = name[:name.index(".", len(prefix)) + 1]  # "bert.encoder.layer.4."
+        if layer in renumber:
+            state[renumber[layer] + name[len(layer):]] = value
+    student.load_state_dict(state)
+    return student.train()
