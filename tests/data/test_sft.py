@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from tinysft.data.bpe import BPETokenizer
 from tinysft.data.chat import DEFAULT_SYSTEM_PROMPT, render_chatml
 from tinysft.data.datasets import DatasetError
-from tinysft.data.sft import (IGNORE, TRAIN_ON, encode_example, encode_examples, pack_examples, read_sft_jsonl,
-                              render_mask, sft_collate, wordnet_sft_splits)
+from tinysft.data.sft import (IGNORE, TRAIN_ON, encode_example, encode_examples, encode_prompt, pack_examples,
+                              read_sft_jsonl, render_mask, sft_collate, wordnet_sft_splits)
 from tinysft.data.wordnet import NOUN_LEXNAMES, SYSTEM_DATA_NOUN
 
 IM_END_ID = 2  # <|im_end|> == eos == pad in SmolLM2's vocabulary
@@ -110,6 +110,19 @@ def test_all_trains_every_token_but_the_first(tok):
     enc = encode_example(tok, CHAT, train_on="all")
     assert enc["labels"][0] == IGNORE
     assert enc["labels"][1:].tolist() == enc["input_ids"][1:].tolist()
+
+
+def test_the_prompt_to_answer_is_what_precedes_the_last_reply(tok):
+    prompt = encode_prompt(tok, CHAT)
+    want = render_chatml(CHAT["messages"][:-1]) + "<|im_start|>assistant\n"
+    assert prompt.dtype == np.int64 and tok.decode(prompt.tolist()) == want
+    pc = {"prompt": "Colour of the sky?", "completion": "Blue."}
+    full = encode_example(tok, pc)["input_ids"]
+    prompt = encode_prompt(tok, pc)
+    assert full[:len(prompt)].tolist() == prompt.tolist()
+    assert tok.decode(full[len(prompt):].tolist()) == "Blue.<|im_end|>\n"
+    with pytest.raises(ValueError, match="assistant turn after"):
+        encode_prompt(tok, {"messages": [{"role": "assistant", "content": "x"}]})
 
 
 def test_examples_of_neither_format_are_refused(tok):

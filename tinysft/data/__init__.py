@@ -3,8 +3,8 @@ the batch loader and its collates, and the SFT data (chat JSONL, WordNet questio
 
 from tinysft.data.datasets import ArrayDataset, DatasetError, TextClassificationDataset, load_csv, load_jsonl
 from tinysft.data.loader import DataLoader, default_collate, tokenizing_collate
-from tinysft.data.sft import (IGNORE, TRAIN_ON, encode_example, encode_examples, pack_examples, read_sft_jsonl,
-                              render_mask, sft_collate, wordnet_sft_splits)
+from tinysft.data.sft import (IGNORE, TRAIN_ON, encode_example, encode_examples, encode_prompt, pack_examples,
+                              read_sft_jsonl, render_mask, sft_collate, wordnet_sft_splits)
 from tinysft.data.sources import load_dataset
 from tinysft.data.splits import split_dataset, stratified_sample, stratified_split, train_val_test
 from tinysft.data.tokenizer import WordPieceTokenizer
@@ -17,5 +17,5 @@ __all__ = [
     "WordPieceTokenizer",
     "NOUN_LEXNAMES", "load_wordnet_supersenses",
     "IGNORE", "TRAIN_ON", "read_sft_jsonl", "wordnet_sft_splits", "encode_example", "encode_examples",
-    "pack_examples", "sft_collate", "render_mask",
+    "encode_prompt", "pack_examples", "sft_collate", "render_mask",
 ]

@@ -74,12 +74,13 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from tinysft.data.chat import ROLES, render_chatml_with_spans, tokens_in_spans
+from tinysft.data.chat import ROLES, render_chatml, render_chatml_with_spans, tokens_in_spans
 from tinysft.data.datasets import DatasetError
 from tinysft.data.wordnet import FIRST_NOUN_LEXFILE, NOUN_LEXNAMES, _read_text, find_wordnet_noun_file
 
 __all__ = ["IGNORE", "TRAIN_ON", "KINDS", "read_sft_jsonl", "parse_noun_synsets", "wordnet_sft_splits",
-           "encode_example", "encode_examples", "pack_examples", "Packed", "sft_collate", "render_mask"]
+           "encode_example", "encode_prompt", "encode_examples", "pack_examples", "Packed", "sft_collate",
+           "render_mask"]
 
 IGNORE = -100  # the label of a token the loss skips (cross_entropy's ignore_index)
 TRAIN_ON = ("assistant", "completion", "all")
@@ -399,6 +400,18 @@ def encode_example(tokenizer, example: Mapping, train_on: str = "assistant",
     input_ids = np.asarray(ids, dtype=np.int64)  # (T,)
     labels = np.where(supervised, input_ids, IGNORE)  # (T,)
     return {"input_ids": input_ids[:max_length], "labels": labels[:max_length]}
+
+
+def encode_prompt(tokenizer, example: Mapping) -> np.ndarray:
+    """int64 (T,): the ids a model answers the example's last assistant turn from, i.e. the
+    messages before that turn rendered with the generation prompt `<|im_start|>assistant\\n`
+    (for a prompt/completion row: the prompt as a user turn, then the generation prompt)."""
+    messages = _messages(example)
+    last = max((i for i, m in enumerate(messages) if isinstance(m, Mapping) and m.get("role") == "assistant"),
+               default=None)
+    if not last:
+        raise ValueError("an example to answer needs an assistant turn after at least one other message")
+    return np.asarray(tokenizer.encode(render_chatml(messages[:last], add_generation_prompt=True)), dtype=np.int64)
 
 
 def encode_examples(tokenizer, examples: Sequence[Mapping], train_on: str = "assistant",
