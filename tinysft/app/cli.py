@@ -9,6 +9,8 @@ import sys
 
 from .. import __version__
 from .config import FINETUNE
+from .distill import DISTILL
+from .serve import SERVE
 
 
 def _parser():
@@ -30,6 +32,19 @@ def _parser():
                         help="continue the run in --out from its last checkpoint (a fresh start if it has none)")
     folder.add_argument("--overwrite", action="store_true", help="delete the run in --out and start afresh")
     FINETUNE.add_flags(finetune)
+    finetune.add_argument("--seeds", metavar="S,S,...",
+                          help="train one run per seed in OUT/seed<S> (train_seed S, the split of --seed), "
+                               "then evaluate their ensemble")
+
+    ensemble = command("ensemble", "evaluate runs and their ensembles (mean of probabilities, majority vote) "
+                                   "on the runs' common test split")
+    ensemble.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+
+    distill = command("distill", "train a shallower student on a finished run's soft targets "
+                                 "(default: 3 layers from every other layer of MiniLM's 6)")
+    distill.add_argument("teacher_run")
+    distill.add_argument("--overwrite", action="store_true", help="delete the run in --out and start afresh")
+    DISTILL.add_flags(distill)
 
     evaluate = command("eval", "evaluate a run's best checkpoint on its test split")
     evaluate.add_argument("run_dir")
@@ -50,6 +65,12 @@ def _parser():
     verify.add_argument("--json", action="store_true", help="machine-readable output")
     verify.add_argument("--explain", metavar="NAME", help="print the derivation of one check")
     verify.add_argument("--list", action="store_true", help="list the checks")
+
+    serve = command("serve", "serve a run over HTTP: POST /v1/classify for a classifier run, the OpenAI-style "
+                             "POST /v1/chat/completions for a decoder")
+    serve.add_argument("run_dir", nargs="?", help="a finetune run, or a folder holding a decoder "
+                                                  "(default: the decoder of --model)")
+    SERVE.add_flags(serve)
     return parser
 
 
@@ -73,6 +94,20 @@ def main(argv=None) -> int:
 
 def _dispatch(args) -> int:
     """Each command's body is its own module of tinysft.app, imported only when that command runs."""
+    if args.command == "finetune" and args.seeds is not None:
+        from .config import ConfigError
+        from .ensemble import finetune_seeds, parse_seeds
+        if args.train_seed is not None:
+            raise ConfigError("--seeds sets each member's train_seed: give one of --seeds and --train-seed")
+        return finetune_seeds(FINETUNE.build(args.config, FINETUNE.overrides(args)), parse_seeds(args.seeds),
+                              resume=args.resume, overwrite=args.overwrite)
+    if args.command == "distill":
+        from .distill import distill_command
+        return distill_command(args.teacher_run, DISTILL.build(None, DISTILL.overrides(args)),
+                               overwrite=args.overwrite)
+    if args.command == "ensemble":
+        from .ensemble import ensemble
+        return ensemble(args.run_dirs)
     if args.command == "finetune":
         from .finetune import finetune
         return finetune(FINETUNE.build(args.config, FINETUNE.overrides(args)), resume=args.resume,
@@ -90,4 +125,7 @@ def _dispatch(args) -> int:
         from ..verify import main as verify_main
         return verify_main(only=args.only, seed=args.seed, dtype=args.dtype, as_json=args.json,
                            explain=args.explain, list_checks=args.list)
+    if args.command == "serve":
+        from .serve import serve
+        return serve(args.run_dir, SERVE.build(None, SERVE.overrides(args)))
     raise AssertionError(args.command)

@@ -149,8 +149,9 @@ def build_optimizer(config: RunConfig, param_groups):
 
 
 def build_trainer(config: RunConfig, plan, optimizer, train_loader, val_loader, num_classes: int, out: Path,
-                  resume: bool = False):
-    """The Trainer with the config's schedule, clipping, early stopping, logging and checkpoints."""
+                  resume: bool = False, loss_fn=None):
+    """The Trainer with the config's schedule, clipping, early stopping, logging and checkpoints;
+    ``loss_fn`` replaces cross-entropy (``tinysft distill`` passes the distillation loss)."""
     def schedule(opt, total_steps):
         return schedule_by_name(config.schedule, opt, total_steps, config.warmup_ratio)
 
@@ -163,7 +164,7 @@ def build_trainer(config: RunConfig, plan, optimizer, train_loader, val_loader, 
         on_epoch_start=plan.on_epoch_start, layer_of=plan.layer_of(), callbacks=[EpochPrinter()],
         log_path=out / METRICS, log_every=config.log_every, progress=config.progress and sys.stderr.isatty(),
         checkpoint_dir=out / CHECKPOINT if config.checkpoint_every else None,
-        checkpoint_every=config.checkpoint_every or None, resume=resume)
+        checkpoint_every=config.checkpoint_every or None, resume=resume, loss_fn=loss_fn)
 
 
 class EpochPrinter:
