@@ -37,6 +37,17 @@ stopping state (best weights included). They are written with
 so a save killed mid-way leaves the previous checkpoint whole. A Trainer built
 the same way with ``resume=True`` continues from the checkpoint and, on the
 CPU, ends with bit-identical weights to a run that was never interrupted.
+
+Data parallel (``tinysft.distributed``, one Trainer per rank, each on its shard of
+every batch): n is the count over all ranks (summed before the first backward), the
+gradients are summed over the ranks in one flat buffer after the last backward, so
+the norm that clipping measures afterwards is the global one; a non-finite loss on
+any rank stops every rank at the same step. The penalty's gradient is added on rank 0
+only (it is the same on every rank and the sum would count it W times). Evaluation
+sums the loss and gathers the logits of every rank's shard, and an ``evaluate_fn``'s
+result is rank 0's, so early stopping decides the same everywhere. Rank 0 alone writes
+the log and the checkpoints (the others wait at a barrier), and every rank starts
+from rank 0's weights.
 """
 import math
 import os
@@ -44,6 +55,7 @@ from itertools import islice
 
 import numpy as np
 
+from .. import distributed as dist
 from ..backend import to_device
 from ..functional import cross_entropy
 from ..optim import clip_grad_norm_, penalty_loss
@@ -99,7 +111,7 @@ class Trainer:
         self.on_epoch_start, self.callbacks = on_epoch_start, list(callbacks)
         self.log_every, self.progress = max(1, log_every), progress
         self.checkpoint_dir, self.checkpoint_every, self.resume = checkpoint_dir, checkpoint_every, resume
-        self.log = MetricsLog(log_path) if log_path is not None else None
+        self.log = MetricsLog(log_path) if log_path is not None and dist.is_main() else None
         if self.log is not None and not self._resumes():
             self.log.clear()  # a run that starts afresh starts its log afresh
 
@@ -133,6 +145,7 @@ class Trainer:
         """Train to the end (or early stop); returns the evaluation history."""
         if self._resumes():
             self.load_checkpoint()
+        dist.broadcast_arrays([p.data for p in self.model.parameters()])
         self._clear_grads()
         bar = ProgressBar(self.total_steps, enabled=self.progress)
         try:
@@ -193,14 +206,21 @@ class Trainer:
     def train_step(self, micro_batches) -> dict:
         """One optimizer step over ``micro_batches`` (see the module docstring); returns its record."""
         step = self.step + 1
-        total = sum(self.count_fn(b) for b in micro_batches)
-        loss_value = 0.0
+        total = sum(self.count_fn(b) for b in micro_batches if b is not None)  # None: an empty shard
+        if dist.world_size() > 1:
+            total = int(dist.all_reduce_sum([total], f"the count of step {step}")[0])
+        loss_value, bad = 0.0, None
         for i, batch in enumerate(micro_batches):
+            if batch is None:
+                continue
             loss = self.loss_fn(self.model, batch)
             value = float(loss.item())
             if not math.isfinite(value):
-                self._clear_grads()
-                raise NonFiniteLossError(step, self.epoch, value, "loss", micro_batch=i)
+                if dist.world_size() == 1:
+                    self._clear_grads()
+                    raise NonFiniteLossError(step, self.epoch, value, "loss", micro_batch=i)
+                bad = bad or (i, value)  # the other ranks must hear of it before anyone stops
+                continue
             loss_value += value
             if total and loss.requires_grad:
                 (loss * (1.0 / total)).backward()
@@ -211,9 +231,12 @@ class Trainer:
             if not math.isfinite(penalty_value):
                 self._clear_grads()
                 raise NonFiniteLossError(step, self.epoch, penalty_value, "penalty")
-            if penalty.requires_grad:
+            if penalty.requires_grad and dist.is_main():
                 penalty.backward()
+        if dist.world_size() > 1:
+            loss_value = self._all_reduce_gradients(step, loss_value, bad)
 
+        # After the all-reduce every rank holds the summed gradients: this norm is the global one.
         params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
         grad_norm = clip_grad_norm_(params, self.max_grad_norm if self.max_grad_norm is not None else math.inf)
         if not math.isfinite(grad_norm):
@@ -236,6 +259,28 @@ class Trainer:
         self.last_record = record
         return record
 
+    def _all_reduce_gradients(self, step: int, loss_value: float, bad) -> float:
+        """Sum the loss, the non-finite flags and the gradients over the ranks; returns the summed loss.
+
+        A parameter that got no gradient on any rank keeps ``grad = None`` (as in one
+        process); the others are summed in one flat buffer, zeros standing in for a rank
+        whose shard did not reach them.
+        """
+        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.requires_grad]
+        flags = dist.all_reduce_sum([loss_value, bad is not None] + [p.grad is not None for p in params],
+                                    f"the loss of step {step}")
+        if flags[1]:
+            self._clear_grads()
+            value, micro_batch = (bad[1], bad[0]) if bad is not None else (math.nan, None)
+            raise NonFiniteLossError(step, self.epoch, value, "loss" if bad else "loss on another rank",
+                                     micro_batch=micro_batch)
+        reached = [p for p, has in zip(params, flags[2:]) if has]
+        for p in reached:
+            if p.grad is None:
+                p.grad = np.zeros_like(p.data)
+        dist.all_reduce([p.grad for p in reached], f"the gradients of step {step}")
+        return float(flags[0])
+
     def _end_epoch(self) -> bool:
         """Evaluate, log, update early stopping; True when it says stop."""
         stop = False
@@ -256,7 +301,7 @@ class Trainer:
     def evaluate(self, loader=None) -> dict:
         """``{"loss", "accuracy", "macro_f1"}`` on ``loader`` (default: the eval loader), in eval mode."""
         if self.evaluate_fn is not None and loader is None:
-            return dict(self.evaluate_fn(self.model))
+            return dict(dist.broadcast(dict(self.evaluate_fn(self.model)), "the evaluation's metrics"))
         loader = loader if loader is not None else self.eval_loader
         was_training = getattr(self.model, "training", True)
         self.model.eval()
@@ -264,6 +309,8 @@ class Trainer:
         try:
             with no_grad():
                 for batch in loader:
+                    if batch is None:  # an empty shard
+                        continue
                     logits = forward(self.model, batch)
                     labels = labels_of(batch)
                     loss_sum += float(cross_entropy(logits, labels, ignore_index=self.ignore_index,
@@ -273,6 +320,11 @@ class Trainer:
                     all_labels.append(labels.reshape(-1))
         finally:
             self.model.train(was_training)
+        if getattr(loader, "num_replicas", 1) > 1:  # each rank saw its shard: the sums and logits of all
+            loss_sum, count = dist.all_reduce_sum([loss_sum, count], "the evaluation's loss")
+            shards = dist.broadcast_each((all_logits, all_labels), "the evaluation's logits")
+            all_logits = [a for logits, _ in shards for a in logits]
+            all_labels = [a for _, labels in shards for a in labels]
         metrics = classification_metrics(np.concatenate(all_logits), np.concatenate(all_labels),
                                          self.num_classes, self.ignore_index)
         return {"loss": loss_sum / count if count else float("nan"), **metrics}
@@ -337,7 +389,9 @@ class Trainer:
     def save_checkpoint(self, directory=None) -> None:
         """Write the weights and ``state_dict()`` atomically into ``directory`` (default: checkpoint_dir)."""
         from ..io.checkpoint import save_checkpoint
-        save_checkpoint(directory or self.checkpoint_dir, get_weights(self.model), self.state_dict())
+        if dist.is_main():  # every rank holds the same weights and state
+            save_checkpoint(directory or self.checkpoint_dir, get_weights(self.model), self.state_dict())
+        dist.barrier(f"the checkpoint of step {self.step}")
 
     def load_checkpoint(self, directory=None) -> None:
         """Restore a checkpoint written by ``save_checkpoint`` (the log is cut back to its step)."""
