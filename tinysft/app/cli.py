@@ -1,4 +1,4 @@
-"""The ``tinysft`` command: finetune (the main job), eval, predict, embed, verify.
+"""The ``tinysft`` command: finetune (the main job), ensemble, distill, eval, predict, embed, verify, generate, chat, serve.
 
 Errors a user can act on (a missing model, a bad config, a corrupt checkpoint,
 a dataset with an unknown label, ...) print one line and exit with status 2;
@@ -8,7 +8,7 @@ import argparse
 import sys
 
 from .. import __version__
-from .config import FINETUNE
+from .config import CHAT, FINETUNE, GENERATE
 from .distill import DISTILL
 from .serve import SERVE
 
@@ -65,6 +65,16 @@ def _parser():
     verify.add_argument("--json", action="store_true", help="machine-readable output")
     verify.add_argument("--explain", metavar="NAME", help="print the derivation of one check")
     verify.add_argument("--list", action="store_true", help="list the checks")
+
+    generate = command("generate", "reply to one prompt with a causal decoder (default: SmolLM2-135M-Instruct), "
+                                   "streamed, then the rate on stderr")
+    generate.add_argument("prompt")
+    GENERATE.add_flags(generate)
+
+    chat = command("chat", "talk to a decoder, the conversation kept (Ctrl-D quits, /reset forgets it)")
+    chat.add_argument("run_dir", nargs="?", help="a tinysft sft run folder: talk to its tuned model "
+                                                 "(default: the decoder of --model)")
+    CHAT.add_flags(chat)
 
     serve = command("serve", "serve a run over HTTP: POST /v1/classify for a classifier run, the OpenAI-style "
                              "POST /v1/chat/completions for a decoder")
@@ -125,6 +135,12 @@ def _dispatch(args) -> int:
         from ..verify import main as verify_main
         return verify_main(only=args.only, seed=args.seed, dtype=args.dtype, as_json=args.json,
                            explain=args.explain, list_checks=args.list)
+    if args.command == "generate":
+        from .generate import generate_command
+        return generate_command(args.prompt, GENERATE.build(None, GENERATE.overrides(args)))
+    if args.command == "chat":
+        from .chat import chat
+        return chat(CHAT.build(None, CHAT.overrides(args)), args.run_dir)
     if args.command == "serve":
         from .serve import serve
         return serve(args.run_dir, SERVE.build(None, SERVE.overrides(args)))

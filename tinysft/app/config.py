@@ -56,6 +56,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from ..backend import DEVICES
+from ..data.chat import DEFAULT_SYSTEM_PROMPT
 from ..data.datasets import read_utf8
 from ..finetune.strategies import STRATEGIES
 from ..nn import POOLINGS
@@ -63,7 +64,8 @@ from ..optim import OPTIMIZERS
 from ..optim.regularization import PENALTIES as _PENALTY_KINDS
 from ..optim.schedules import SCHEDULES
 
-__all__ = ["ConfigError", "Setting", "Settings", "FINETUNE", "RunConfig", "build_config", "to_toml", "read_toml"]
+__all__ = ["ConfigError", "Setting", "Settings", "FINETUNE", "GENERATE", "CHAT", "RunConfig", "build_config",
+           "to_toml", "read_toml"]
 
 
 class ConfigError(ValueError):
@@ -337,6 +339,25 @@ FINETUNE = Settings("finetune", [
 
 RunConfig = FINETUNE.config_class
 build_config = FINETUNE.build
+
+
+# --------------------------------------------------------------------------- generate, chat
+
+GENERATE = Settings("generate", [
+    Setting("model", str, "auto", "a .gguf file, a folder with a Hugging Face config.json + model.safetensors "
+                                  "(a tinysft sft run folder is one), or 'auto' (SmolLM2-135M-Instruct)"),
+    Setting("tokenizer", str, "auto", "a .gguf file whose tokenizer to use, or 'auto' (the model's own GGUF; "
+                                      "for a folder the .gguf in it, else SmolLM2's)"),
+    Setting("system", str, DEFAULT_SYSTEM_PROMPT, "the system prompt of the chat template"),
+    Setting("max_new_tokens", int, 256, "most tokens of one reply", minimum=1),
+    Setting("temperature", float, 0.0, "sampling temperature", minimum=0, zero="greedy"),
+    Setting("top_k", int, 0, "sample among the k most likely tokens only", minimum=0, zero="all"),
+    Setting("top_p", float, 1.0, "sample among the most likely tokens whose probability reaches top_p",
+            minimum=0, maximum=1, exclusive=True),
+    Setting("seed", int, 0, "seed of the sampling", minimum=0, maximum=2**32 - 1),
+    Setting("raw", bool, False, "feed the prompt as it is, without the chat template"),
+])
+CHAT = Settings("chat", [s for s in GENERATE if s.name != "raw"])
 
 
 def to_toml(settings: dict) -> str:
