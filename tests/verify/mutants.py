@@ -156,6 +156,17 @@ def dropout_rescale_in_eval(x, p=0.5, training=True, generator=None):
     return F.dropout(x, p, training, generator)
 
 
+def schedule_top_down(encoder, rates):
+    """Applies the per-layer rates from the top layer down."""
+    encoder.set_dropout(rates[::-1])
+
+
+def schedule_hidden_only(encoder, rates):
+    """Sets the sub-layer output dropouts but leaves the attention probabilities at the built rate."""
+    for layer, p in zip(encoder.layer, rates):
+        layer.attention.output.dropout.p = layer.output.dropout.p = p
+
+
 # ----- clipping
 def clip_always_scale(parameters, max_norm):
     """g ← g·c/‖g‖ even when ‖g‖ < c."""
@@ -566,6 +577,8 @@ MUTANTS = {
                      ("rescales in eval mode too", lambda: dropout_rescale_in_eval)],
     "dropout_variance": [("drops with p/2 (mean right, variance wrong)", lambda: dropout_half_rate),
                          ("no 1/(1−p) rescaling", lambda: dropout_no_rescale)],
+    "dropout_schedule": [("rates applied top to bottom", lambda: schedule_top_down),
+                         ("attention probabilities keep the built rate", lambda: schedule_hidden_only)],
     "clip_grad_norm": [("always scales by c/‖g‖", lambda: clip_always_scale),
                        ("clips each tensor separately", lambda: clip_per_tensor)],
     "clip_grad_value": [("clamps only from above", lambda: clip_value_upper_only)],

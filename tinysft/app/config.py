@@ -60,6 +60,7 @@ from ..data.chat import DEFAULT_SYSTEM_PROMPT
 from ..data.datasets import read_utf8
 from ..finetune.strategies import STRATEGIES
 from ..nn import POOLINGS
+from ..nn.transformer import parse_dropout_schedule
 from ..optim import OPTIMIZERS
 from ..optim.regularization import PENALTIES as _PENALTY_KINDS
 from ..optim.schedules import SCHEDULES
@@ -292,6 +293,13 @@ def _penalty_has_a_strength(c):
         return f"penalty_lambda = {c.penalty_lambda:g} needs a penalty (one of {', '.join(PENALTIES[1:])})"
 
 
+def _dropout_schedule_parses(c):
+    try:
+        parse_dropout_schedule(c.dropout_schedule)
+    except ValueError as error:
+        return f"dropout_schedule = {c.dropout_schedule!r}: {error}"
+
+
 FINETUNE = Settings("finetune", [
     Setting("model", str, "auto", "model folder (config.json, model.safetensors, vocab.txt), "
                                   "a Hugging Face name in the offline cache, or 'auto' (MiniLM-L6)"),
@@ -319,6 +327,9 @@ FINETUNE = Settings("finetune", [
     Setting("penalty", str, "none", "weight penalty of every group", choices=tuple(PENALTIES)),
     Setting("penalty_lambda", float, 0.0, "strength λ of the penalty", minimum=0),
     Setting("dropout", float, 0.1, "dropout before the head", minimum=0, maximum=1, exclusive_max=True),
+    Setting("dropout_schedule", str, "none", "each encoder layer's hidden and attention dropout, bottom layer "
+                                             "to top: 'linear:LOW:HIGH', one rate per layer 'p0,p1,...', or "
+                                             "'none' (the model's own); the head keeps --dropout"),
     Setting("pooling", str, "mean", "how token states become one vector", choices=tuple(POOLINGS)),
     Setting("patience", int, 2, "early stopping: epochs without improvement", minimum=0, zero="off"),
     Setting("min_delta", float, 0.0, "early stopping: smallest improvement that counts", minimum=0),
@@ -335,7 +346,8 @@ FINETUNE = Settings("finetune", [
     Setting("device", str, "cpu", "where tensors live", choices=tuple(DEVICES)),
     Setting("out", str, "runs/latest", "run folder for config, metrics, checkpoint, plots"),
     Setting("progress", bool, True, "show a progress bar"),
-], checks=[_split_leaves_training, _has_a_length, _accumulation_divides_batch, _penalty_has_a_strength])
+], checks=[_split_leaves_training, _has_a_length, _accumulation_divides_batch, _penalty_has_a_strength,
+           _dropout_schedule_parses])
 
 RunConfig = FINETUNE.config_class
 build_config = FINETUNE.build

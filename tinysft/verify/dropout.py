@@ -98,3 +98,59 @@ def check_dropout_variance(rng, dtype, impl):
     out.sum().backward()
     m.close("∂Σy/∂x vs m/(1−p) = y/x", leaf.grad, out.numpy().astype(np.float64) / x)
     return m
+
+
+SCHEDULE = "linear:0.1:0.5"  # three layers: 0.1, 0.3, 0.5 from the bottom
+
+
+def _set_dropout():
+    return lambda encoder, rates: encoder.set_dropout(rates)
+
+
+@check("dropout_schedule", "dropout",
+       formula="--dropout-schedule linear:LOW:HIGH: layer i of L drops with p_i = LOW + (HIGH − LOW)·i/(L − 1) "
+               "in its attention probabilities and both sub-layer outputs",
+       method=f"{SCHEDULE} on a 3-layer encoder in training mode: each of the 9 dropout calls of one forward, "
+              "z = (k − n·p_i)/√(n·p_i(1 − p_i)) for k of its n inputs dropped, two-sided α = 1e-6 each",
+       explanation=f"""
+       Every dropout call of one forward pass is recorded with its input and output, in the order
+       the layers run them: per layer the attention probabilities, the attention output, the FFN
+       output. A call at rate p zeroes each of its n (non-zero) inputs independently with
+       probability p, so the number k it zeroes is Binomial(n, p) and z = (k − np)/√(np(1 − p)) is
+       ≈ N(0, 1). Each call is tested against the rate of the layer it belongs to, so a schedule
+       applied top to bottom, or to the hidden dropouts but not the attention probabilities, puts
+       z in the tens (the rates of neighbouring layers differ by 0.2). |z| ≤ {Z_CRIT:.2f}: a correct
+       implementation is flagged once in a million seeds per call.
+       """,
+       impl=_set_dropout)
+def check_dropout_schedule(rng, dtype, impl):
+    from .. import functional
+    from ..nn.transformer import TransformerEncoder, dropout_schedule
+    from ..tensor import Tensor
+    m = Measure(dtype)
+    encoder = TransformerEncoder(3, 16, 2, 32, dropout=0.0, attention_dropout=0.0,
+                                 generator=np.random.default_rng(rng.integers(2**63))).astype(dtype).train()
+    rates = dropout_schedule(SCHEDULE, 3)
+    impl(encoder, rates)
+    calls, real = [], functional.dropout
+
+    def recording(x, p=0.5, training=True, generator=None):
+        y = real(x, p, training, generator)
+        live = x.numpy() != 0
+        calls.append((int(live.sum()), int((y.numpy()[live] == 0).sum())))
+        return y
+
+    functional.dropout = recording  # the layers call it through the module: F.dropout
+    try:
+        encoder(Tensor(rng.standard_normal((32, 16, 16)).astype(dtype)))
+    finally:
+        functional.dropout = real
+    where = ("attention probabilities", "attention output", "FFN output")
+    if len(calls) != 3 * len(rates):
+        m.value(f"number of dropout calls ({len(calls)}, expected {3 * len(rates)})", math.inf, 0)
+        return m
+    for i, (n, k) in enumerate(calls):
+        p = rates[i // 3]
+        m.value(f"layer {i // 3} {where[i % 3]}: z of the drop count (p = {p:g})",
+                abs(k - n * p) / math.sqrt(n * p * (1 - p)), Z_CRIT)
+    return m
