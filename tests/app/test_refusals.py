@@ -19,6 +19,8 @@ import shutil
 import tomllib
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import tinysft.app.finetune as finetune_module
 from tinysft.app.cli import main
@@ -110,6 +112,36 @@ def test_a_bad_toml_key_is_refused_naming_the_file(tmp_path, no_model_load, name
     argv = ["finetune", "--config", str(config)] + ([] if name == "out" else ["--out", str(out)])
     assert_user_error(run_cli(argv), f"{name} = ", f"(in {config})", setting.allowed())
     assert not out.exists()
+
+
+NUMBERS = [s for s in FINETUNE if s.kind in (int, float)]
+
+
+@given(setting=st.sampled_from(NUMBERS),
+       value=st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-2**70, 2**70)))
+def test_a_number_is_taken_only_inside_its_range(setting, value):
+    """Any number, as typed (repr) or as a TOML value: accepted exactly when it is finite, of the
+    setting's type and inside its bounds; otherwise a ConfigError naming the setting."""
+    inside = (math.isfinite(value) and (setting.kind is float or float(value).is_integer())
+              and (setting.minimum is None or value > setting.minimum
+                   or (value == setting.minimum and not setting.exclusive))
+              and (setting.maximum is None or value < setting.maximum
+                   or (value == setting.maximum and not setting.exclusive_max)))
+    for given_as in (repr(value), value):
+        try:
+            config = FINETUNE.build(overrides={setting.name: given_as})
+        except ConfigError as error:
+            own = str(error).startswith(f"{setting.name} = ") and ("): allowed: " in str(error)
+                                                                  or "): expected " in str(error))
+            assert own != inside, error  # a value inside its range meets only the joint checks
+            continue
+        assert inside, (setting.name, given_as)
+        assert getattr(config, setting.name) == value and type(getattr(config, setting.name)) is setting.kind
+
+
+def test_an_out_that_is_a_file(tmp_path, no_model_load):
+    (tmp_path / "run").write_text("not a folder")
+    assert_user_error(run_cli(["finetune", "--out", str(tmp_path / "run")]), "--out", "is a file")
 
 
 @pytest.mark.parametrize("toml, fragments", [

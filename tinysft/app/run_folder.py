@@ -4,8 +4,7 @@
     metrics.jsonl         one line per logged step and per evaluation (written by the Trainer)
     checkpoint/           the resumable training state, when checkpoint_every > 0
     model.safetensors     the best weights (HF names plus ``head.*``), written when training ends
-    run.json              model folder, label names, split sizes, test metrics, each encoder
-                          layer's dropout rates (``dropout_per_layer``): written last,
+    run.json              model folder, label names, split sizes, test metrics: written last,
                           so a folder with run.json holds a finished run
     *.png                 loss/accuracy, learning rate per layer group, update/weight ratio
 
@@ -46,6 +45,8 @@ def start(out, config, resume: bool = False, overwrite: bool = False) -> str:
     Creates and deletes nothing.
     """
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a folder")
     present = [name for name in RUN_FILES if (out / name).exists()]
     if not present or overwrite:
         return FRESH
