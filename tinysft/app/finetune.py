@@ -10,6 +10,7 @@ from .. import rng
 from ..data import DataLoader, load_dataset, tokenizing_collate, train_val_test
 from ..finetune import EarlyStopping, NonFiniteLossError, Trainer, prepare
 from ..models import BertForSequenceClassification, locate_model
+from ..nn.transformer import dropout_schedule
 from ..optim import NO_DECAY, optimizer_by_name, schedule_by_name
 from .config import ConfigError, RunConfig
 from .files import read_model_config, read_tokenizer
@@ -37,10 +38,12 @@ def finetune(config: RunConfig, resume: bool = False, overwrite: bool = False) -
     rng.manual_seed(training_seed(config))
 
     model_dir = locate_model(None if config.model == "auto" else config.model)
-    positions = read_model_config(model_dir).max_position_embeddings
+    model_config = read_model_config(model_dir)
+    positions = model_config.max_position_embeddings
     if config.max_length > positions:
         raise ConfigError(f"max_length = {config.max_length}: allowed: at most {positions} for {model_dir} "
                           "(max_position_embeddings in its config.json)")
+    layer_dropout = layer_dropout_rates(config, model_config.num_hidden_layers, model_dir)
     tokenizer = read_tokenizer(model_dir)
     dataset, (train, val, test) = load_splits(config)
     if dataset.num_classes < 2:
@@ -52,6 +55,8 @@ def finetune(config: RunConfig, resume: bool = False, overwrite: bool = False) -
 
     model = BertForSequenceClassification.from_pretrained(model_dir, num_labels=dataset.num_classes,
                                                           pooling=config.pooling, dropout=config.dropout)
+    if layer_dropout is not None:
+        model.bert.encoder.set_dropout(layer_dropout)
     model.to(config.device)
     say(f"model: {model_dir} — {model.num_parameters():,} parameters; strategy {config.strategy}, "
         f"optimizer {config.optimizer}, device {config.device}")
@@ -87,6 +92,7 @@ def finetune(config: RunConfig, resume: bool = False, overwrite: bool = False) -
         "num_labels": dataset.num_classes, "sizes": {"train": len(train), "validation": len(val), "test": len(test)},
         "steps": trainer.step, "seconds": round(train_seconds, 1), "test": test_metrics,
         "examples_per_second": round(trainer.step * config.batch_size / train_seconds, 2),
+        "dropout_per_layer": model.bert.encoder.dropout_rates(),
     })
     written = plot_run(out)
     say(f"run folder: {out} ({trainer.step} steps in {train_seconds:.0f} s"
@@ -104,6 +110,16 @@ def load_splits(config: RunConfig, label_names=None):
                               f"val_fraction {config.val_fraction:g}, test_fraction {config.test_fraction:g}): "
                               "use more examples or other fractions")
     return dataset, parts
+
+
+def layer_dropout_rates(config: RunConfig, num_layers: int, model_dir):
+    """The encoder layers' dropout rates of ``dropout_schedule`` (None: the model's own); ConfigError if
+    the schedule does not fit the model's ``num_layers``."""
+    try:
+        return dropout_schedule(config.dropout_schedule, num_layers)
+    except ValueError as error:
+        raise ConfigError(f"dropout_schedule = {config.dropout_schedule!r}: {error} ({model_dir} has "
+                          f"{num_layers} layers)") from None
 
 
 def training_seed(config: RunConfig) -> int:

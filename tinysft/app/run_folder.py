@@ -4,7 +4,8 @@
     metrics.jsonl         one line per logged step and per evaluation (written by the Trainer)
     checkpoint/           the resumable training state, when checkpoint_every > 0
     model.safetensors     the best weights (HF names plus ``head.*``), written when training ends
-    run.json              model folder, label names, split sizes, test metrics: written last,
+    run.json              model folder, label names, split sizes, test metrics, each encoder
+                          layer's dropout rates (``dropout_per_layer``): written last,
                           so a folder with run.json holds a finished run
     *.png                 loss/accuracy, learning rate per layer group, update/weight ratio
 
