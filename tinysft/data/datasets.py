@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["DatasetError", "UnknownLabelError", "TextClassificationDataset", "ArrayDataset", "load_csv", "load_jsonl", "encode_labels",
-           "read_utf8"]
+__all__ = ["DatasetError", "UnknownLabelError", "TextClassificationDataset", "ArrayDataset", "load_csv", "load_jsonl",
+           "encode_labels", "read_utf8"]
 
 
 class DatasetError(ValueError):

@@ -25,9 +25,9 @@ step. ``log_path`` gets one JSON line per ``log_every`` steps::
      "update_ratio": {"head": 0.0011, "layer.1": 0.0004}}     # ‖Δθ‖/‖θ‖ per layer
 
 and one ``{"event": "eval", ...}`` line per evaluation. The log describes the one
-run the Trainer holds: a Trainer that starts afresh empties it when built, and resuming cuts it back
-to the checkpoint's step, so a run killed and resumed any number of times logs
-each step once, as an uninterrupted run would.
+run the Trainer holds: a Trainer that starts afresh empties it when built, and
+resuming cuts it back to the checkpoint's step, so a run killed and resumed any
+number of times logs each step once, as an uninterrupted run would.
 
 Checkpoints (``checkpoint_dir`` + ``checkpoint_every`` steps) hold the weights,
 the optimizer and schedule state, the RNG state of ``tinysft.rng`` (dropout),
