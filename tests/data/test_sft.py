@@ -354,10 +354,13 @@ def test_valid_rows_read_back_unchanged(tmp_path_factory, pairs, chat):
     assert read_sft_jsonl(path) == rows
 
 
+def containers(inner):
+    keys = st.sampled_from(["messages", "role", "content", "prompt", "completion", "x"])
+    return st.lists(inner, max_size=3) | st.dictionaries(keys, inner, max_size=4)
+
+
 json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=5),
-                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
-                               st.sampled_from(["messages", "role", "content", "prompt", "completion", "x"]),
-                               inner, max_size=4), max_leaves=12)
+                           containers, max_leaves=12)
 
 
 @given(st.lists(json_values.map(json.dumps) | st.binary(max_size=30).map(lambda b: b.decode("latin-1")),
