@@ -237,6 +237,8 @@ class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive: a client's requests reuse one connection
     server_version = f"tinysft/{__version__}"
     timeout = 60  # seconds a silent client may hold its connection
+    disable_nagle_algorithm = True  # TCP_NODELAY: headers and body (and each event) leave at once, with no
+    # 40 ms wait for the client's delayed ACK between them
 
     def do_GET(self):
         path = urlsplit(self.path).path
