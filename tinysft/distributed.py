@@ -20,7 +20,7 @@ not bit for bit. Two runs with the same W give the same bits.
                            import mpi4py then; without a launch every call below is a no-op
     rank(), world_size()   this process and how many there are
     all_reduce(arrays)     sum in place over the ranks: NumPy arrays through MPI, CuPy arrays through NCCL
-    broadcast(obj)         rank 0's picklable object on every rank (the run config)
+    broadcast(obj)         rank 0's picklable object on every rank (broadcast_settings: the run config)
     broadcast_arrays(a)    rank 0's arrays copied into every rank's (the initial weights)
     barrier()              wait for every rank (the checkpoint written by rank 0)
     shard(indices)         rank r's slice ``indices[r::W]``; the W slices are disjoint, their union all
@@ -36,11 +36,15 @@ and skips ``MPI_Finalize`` at exit, which would wait on the dead rank too.
 from __future__ import annotations
 
 import atexit
+import contextlib
+import dataclasses
 import os
 import pickle
 import time
 
 import numpy as np
+
+from .backend import device_of, to_device, xp_for
 
 __all__ = ["DistributedError", "init", "is_initialized", "rank", "world_size", "is_main", "all_reduce",
            "all_reduce_sum", "broadcast", "broadcast_arrays", "all_gather", "barrier", "shard", "LAUNCH_VARIABLES"]
@@ -62,7 +66,7 @@ class _State:
     def __init__(self):
         self.comm, self.rank, self.size = None, 0, 1
         self.timeout = DEFAULT_TIMEOUT
-        self.nccl = None          # a cupy.cuda.nccl.NcclCommunicator, made on the first CuPy all_reduce
+        self.nccl = None          # a NcclAllReduce, made on the first CuPy all_reduce
         self.initialized = False
         self.failed = False       # a collective timed out: skip MPI_Finalize at exit
 
@@ -114,6 +118,21 @@ def _finalize():
         MPI.Finalize()
 
 
+@contextlib.contextmanager
+def failing_fast():
+    """A block (a command's body) whose exception makes this rank skip ``MPI_Finalize`` at exit.
+
+    ``MPI_Finalize`` waits for every rank, so a rank that stops on an error and then
+    finalizes waits for the others, which wait in their next collective until the
+    timeout. Without it the rank exits at once, and the launcher ends the job.
+    """
+    try:
+        yield
+    except BaseException:
+        _world.failed = True
+        raise
+
+
 def reset() -> None:
     """Back to one process (tests that installed a fake communicator call it)."""
     _world.__init__()
@@ -153,11 +172,6 @@ def _wait(request, what: str) -> None:
         pause = min(2 * pause, 5e-3)
 
 
-def _mpi_sum():
-    from mpi4py import MPI
-    return MPI.SUM
-
-
 # ---------------------------------------------------------------------------- collectives
 
 def all_reduce(arrays, what: str = "all_reduce") -> None:
@@ -172,14 +186,15 @@ def all_reduce(arrays, what: str = "all_reduce") -> None:
         return
     buckets: dict = {}
     for a in arrays:
-        buckets.setdefault((type(a), a.dtype), []).append(a)
-    for (_, dtype), members in buckets.items():
-        xp = _array_module(members[0])
-        flat = xp.concatenate([m.reshape(-1) for m in members])            # (Σ sizes,)
-        if xp is np:
-            _mpi_all_reduce(flat, what)
+        buckets.setdefault((device_of(a), a.dtype), []).append(a)
+    for (device, _), members in buckets.items():
+        flat = xp_for(device).concatenate([m.reshape(-1) for m in members])   # (Σ sizes,)
+        if device == "cuda":
+            if _world.nccl is None:
+                _world.nccl = NcclAllReduce()
+            _world.nccl(flat, what)
         else:
-            _nccl_all_reduce(flat, what)
+            _mpi_all_reduce(flat, what)
         start = 0
         for m in members:
             m[...] = flat[start:start + m.size].reshape(m.shape)
@@ -193,35 +208,37 @@ def all_reduce_sum(values, what: str = "all_reduce") -> np.ndarray:
     return buffer
 
 
-def _array_module(array):
-    if isinstance(array, np.ndarray):
-        return np
-    import cupy
-    return cupy
-
-
 def _mpi_all_reduce(flat: np.ndarray, what: str) -> None:
-    out = np.empty_like(flat)
-    _wait(_world.comm.Iallreduce(flat, out, op=_mpi_sum()), what)
-    flat[...] = out
+    total = np.empty_like(flat)
+    _wait(_world.comm.Iallreduce(flat, total), what)  # mpi4py's default op: MPI.SUM
+    flat[...] = total
 
 
-_NCCL_TYPES = {"float16": "NCCL_FLOAT16", "float32": "NCCL_FLOAT32", "float64": "NCCL_FLOAT64",
-               "int32": "NCCL_INT32", "int64": "NCCL_INT64"}
+class NcclAllReduce:
+    """``ncclAllReduce`` in place on the current CUDA stream over one NCCL communicator (one GPU per rank).
 
+    The communicator is made from rank 0's unique id, broadcast over MPI. The wait
+    polls the stream with the same deadline as the MPI collectives.
+    """
 
-def _nccl_all_reduce(flat, what: str) -> None:
-    """In-place ``ncclAllReduce`` on the current stream, waited for with the same deadline."""
-    from cupy.cuda import nccl
-    if _world.nccl is None:
-        _world.nccl = _nccl_communicator(nccl)
-    if str(flat.dtype) not in _NCCL_TYPES:
-        raise DistributedError(f"{what}: NCCL cannot sum {flat.dtype} arrays")
-    import cupy
-    stream = cupy.cuda.get_current_stream()
-    _world.nccl.allReduce(flat.data.ptr, flat.data.ptr, flat.size, getattr(nccl, _NCCL_TYPES[str(flat.dtype)]),
-                          nccl.NCCL_SUM, stream.ptr)
-    _wait(_StreamDone(stream), what)
+    TYPES = {"float16": "NCCL_FLOAT16", "float32": "NCCL_FLOAT32", "float64": "NCCL_FLOAT64",
+             "int32": "NCCL_INT32", "int64": "NCCL_INT64"}
+
+    def __init__(self):
+        from cupy.cuda import nccl
+        self.nccl = nccl
+        uid = nccl.get_unique_id() if _world.rank == 0 else None
+        uid = broadcast(uid, what="the NCCL unique id")
+        self.comm = nccl.NcclCommunicator(_world.size, uid, _world.rank)
+
+    def __call__(self, flat, what: str) -> None:
+        import cupy
+        if str(flat.dtype) not in self.TYPES:
+            raise DistributedError(f"{what}: NCCL cannot sum {flat.dtype} arrays")
+        stream = cupy.cuda.get_current_stream()
+        self.comm.allReduce(flat.data.ptr, flat.data.ptr, flat.size, getattr(self.nccl, self.TYPES[str(flat.dtype)]),
+                            self.nccl.NCCL_SUM, stream.ptr)
+        _wait(_StreamDone(stream), what)
 
 
 class _StreamDone:
@@ -234,16 +251,16 @@ class _StreamDone:
         return self.stream.done
 
 
-def _nccl_communicator(nccl):
-    """One NCCL communicator over the MPI world: rank 0's unique id broadcast over MPI (one GPU per rank)."""
-    uid = nccl.get_unique_id() if _world.rank == 0 else None
-    uid = broadcast(uid, what="the NCCL unique id")
-    return nccl.NcclCommunicator(_world.size, uid, _world.rank)
-
-
 def broadcast(obj=None, what: str = "broadcast"):
     """Rank 0's ``obj`` (pickled) on every rank; in one process ``obj`` itself."""
     return obj if _world.size == 1 else broadcast_from(obj, 0, what)
+
+
+def broadcast_settings(config):
+    """A dataclass of settings with rank 0's values on every rank (its fields are picklable)."""
+    if _world.size == 1:
+        return config
+    return dataclasses.replace(config, **broadcast(dataclasses.asdict(config), "the run's settings"))
 
 
 def broadcast_arrays(arrays, what: str = "broadcast of the weights") -> None:
@@ -255,18 +272,14 @@ def broadcast_arrays(arrays, what: str = "broadcast of the weights") -> None:
     for a in arrays:
         buckets.setdefault(a.dtype, []).append(a)
     for members in buckets.values():
-        host = [np.asarray(_to_host(m)) for m in members]
+        host = [to_device(m, "cpu") for m in members]
         flat = np.concatenate([h.reshape(-1) for h in host])
         _wait(_world.comm.Ibcast(flat, root=0), what)
         start = 0
         for m in members:
             part = flat[start:start + m.size].reshape(m.shape)
-            m[...] = part if isinstance(m, np.ndarray) else _array_module(m).asarray(part)
+            m[...] = xp_for(device_of(m)).asarray(part)
             start += m.size
-
-
-def _to_host(array):
-    return array if isinstance(array, np.ndarray) else array.get()
 
 
 def all_gather(array: np.ndarray, what: str = "all_gather") -> np.ndarray:

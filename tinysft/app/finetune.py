@@ -1,11 +1,20 @@
 """``tinysft finetune``: check the settings and the folder, load the data and the model, build the plan,
-train, test, write the run folder (see ``run_folder`` for what a crash leaves and how a run resumes)."""
+train, test, write the run folder (see ``run_folder`` for what a crash leaves and how a run resumes).
+
+Under ``mpirun -n W tinysft finetune ...`` the W ranks train one run data-parallel
+(``tinysft.distributed``): rank 0's settings are every rank's, ``batch_size`` is the
+global batch (each rank takes batch_size / (accumulation·W) examples per micro-batch of
+every split), and rank 0 alone prints and writes the run folder, so the folder and its
+metrics are those of one run.
+"""
+import contextlib
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+from .. import distributed as dist
 from .. import rng
 from ..data import DataLoader, load_dataset, tokenizing_collate, train_val_test
 from ..finetune import EarlyStopping, NonFiniteLossError, Trainer, prepare
@@ -29,9 +38,28 @@ def finetune(config: RunConfig, resume: bool = False, overwrite: bool = False) -
     Everything that can be refused (the folder, the model's files, the data, the splits)
     is checked before the run folder is touched.
     """
+    dist.init()
+    with dist.failing_fast():
+        config = dist.broadcast_settings(config)
+        check_world(config, dist.world_size())
+        with contextlib.nullcontext() if dist.is_main() else contextlib.redirect_stdout(None):  # one voice
+            return _finetune(config, resume, overwrite)
+
+
+def check_world(config, world: int) -> None:
+    """ConfigError unless ``config`` can train on ``world`` data-parallel ranks."""
+    if world > 1 and config.batch_size % (config.accumulation * world):
+        raise ConfigError(f"batch_size = {config.batch_size}: allowed: a multiple of accumulation × ranks = "
+                          f"{config.accumulation} × {world} (each rank takes an equal part of every batch)")
+    if world > 1 and config.strategy in ("discriminative", "feature_extraction"):
+        raise ConfigError(f"strategy = {config.strategy!r}: allowed with {world} ranks: the strategies other than "
+                          "discriminative and feature_extraction (their one pass over the data is not sharded)")
+
+
+def _finetune(config: RunConfig, resume: bool, overwrite: bool) -> int:
     started = time.perf_counter()
     out = Path(config.out)
-    how = start(out, config, resume, overwrite)
+    how = dist.broadcast(start(out, config, resume, overwrite) if dist.is_main() else None, "the run folder's state")
     if how == FINISHED:
         say(f"run folder: {out} holds a finished run (run.json): nothing to resume (--overwrite trains it again)")
         return 0
@@ -69,9 +97,11 @@ def finetune(config: RunConfig, resume: bool = False, overwrite: bool = False) -
         test_loader = plan.features(test_loader)
     apply_head_lr_and_penalty(config, plan.param_groups)
     optimizer = build_optimizer(config, plan.param_groups)
-    if how == FRESH:
-        clear(out)  # only now: a run that cannot start leaves the folder as it was
-    begin_run(out, config)
+    if dist.is_main():
+        if how == FRESH:
+            clear(out)  # only now: a run that cannot start leaves the folder as it was
+        begin_run(out, config)
+    dist.barrier("the run folder's creation")
 
     trainer = build_trainer(config, plan, optimizer, train_loader, val_loader, dataset.num_classes, out,
                             resume=how == RESUME)
@@ -87,6 +117,8 @@ def finetune(config: RunConfig, resume: bool = False, overwrite: bool = False) -
 
     test_metrics = trainer.evaluate(test_loader)
     say("test: " + format_metrics(test_metrics))
+    if not dist.is_main():
+        return 0
     write_run(out, config, model, {
         "model_dir": str(model_dir), "label_names": list(dataset.label_names),
         "num_labels": dataset.num_classes, "sizes": {"train": len(train), "validation": len(val), "test": len(test)},
@@ -130,10 +162,12 @@ def training_seed(config: RunConfig) -> int:
 def build_loaders(config: RunConfig, tokenizer, train, val, test):
     """Shuffled micro-batches of the training split; the other two in order, 64 at a time."""
     collate = tokenizing_collate(tokenizer, config.max_length)
-    micro_batch = config.batch_size // config.accumulation
-    return (DataLoader(train, micro_batch, shuffle=True, seed=training_seed(config), collate=collate),
-            DataLoader(val, 64, shuffle=False, collate=collate),
-            DataLoader(test, 64, shuffle=False, collate=collate))
+    world, rank = dist.world_size(), dist.rank()
+    micro_batch = config.batch_size // (config.accumulation * world)
+    return (DataLoader(train, micro_batch, shuffle=True, seed=training_seed(config), collate=collate,
+                       num_replicas=world, rank=rank),
+            DataLoader(val, 64 // world or 1, shuffle=False, collate=collate, num_replicas=world, rank=rank),
+            DataLoader(test, 64 // world or 1, shuffle=False, collate=collate, num_replicas=world, rank=rank))
 
 
 def strategy_options(config: RunConfig, train_loader) -> dict:
