@@ -132,3 +132,12 @@ def test_a_killed_rank_ends_the_job_and_the_checkpoint_loads(tmp_path):
     assert not (tmp_path / "rank0.npz").exists()
     tensors, state = load_checkpoint(tmp_path / "checkpoint")
     assert state["trainer"]["step"] == 2 and tensors
+
+
+def test_a_two_rank_checkpoint_resumes_in_one_process(runs, tmp_path):
+    """2 ranks × 4 stop at step 4 (a checkpoint); 1 process × 8 resumes it and ends as the 1-process run."""
+    check(run(tmp_path, "--batch", 4, "--epochs", 2, "--steps", 4, "--checkpoint-every", 4))
+    check(run(tmp_path, "--batch", 8, "--epochs", 2, "--steps", 100, "--checkpoint-every", 4, ranks=1))
+    resumed, one = weights(tmp_path), weights(runs / "one")
+    assert max(float(np.abs(resumed[k] - one[k]).max()) for k in one) <= 1e-5
+    assert result(tmp_path)["history"][-1]["accuracy"] == result(runs / "one")["history"][-1]["accuracy"]

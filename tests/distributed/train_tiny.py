@@ -42,7 +42,7 @@ def main(argv=None):
     model = tiny_bert(seed=rank)  # different on purpose: the Trainer starts every rank from rank 0's weights
     train = DataLoader(ArrayDataset(token_data(n=30, seed=1, ignored=7)), batch_size=args.batch, shuffle=True,
                        seed=3, num_replicas=world, rank=rank)
-    val = DataLoader(ArrayDataset(token_data(n=13, seed=2)), batch_size=3, shuffle=False,
+    val = DataLoader(ArrayDataset(token_data(n=13, seed=2)), batch_size=6 // world, shuffle=False,
                      num_replicas=world, rank=rank)
     groups = [{"params": [p for p in model.parameters() if p.requires_grad], "name": "all"}]
     # SGD: linear in the gradients, so the all-reduce's round-off stays round-off. (Adam divides by

@@ -47,7 +47,9 @@ only (it is the same on every rank and the sum would count it W times). Evaluati
 sums the loss and gathers the logits of every rank's shard, and an ``evaluate_fn``'s
 result is rank 0's, so early stopping decides the same everywhere. Rank 0 alone writes
 the log and the checkpoints (the others wait at a barrier), and every rank starts
-from rank 0's weights.
+from rank 0's weights. Each rank draws its dropout masks from its own stream (the
+shared seed's next draw and the rank); a checkpoint keeps every rank's, and a resume
+on another number of ranks splits rank 0's again.
 """
 import math
 import os
@@ -59,7 +61,7 @@ from .. import distributed as dist
 from ..backend import to_device
 from ..functional import cross_entropy
 from ..optim import clip_grad_norm_, penalty_loss
-from ..rng import get_rng_state, set_rng_state
+from ..rng import generator, get_rng_state, manual_seed, set_rng_state
 from ..tensor import no_grad
 from .batch import count_examples, cross_entropy_sum, forward, labels_of
 from .callbacks import MetricsLog, ProgressBar
@@ -145,6 +147,8 @@ class Trainer:
         """Train to the end (or early stop); returns the evaluation history."""
         if self._resumes():
             self.load_checkpoint()
+        else:
+            _split_rng()
         dist.broadcast_arrays([p.data for p in self.model.parameters()])
         self._clear_grads()
         bar = ProgressBar(self.total_steps, enabled=self.progress)
@@ -364,7 +368,8 @@ class Trainer:
             "optimizer": _to_cpu({"state": {str(i): s for i, s in opt["state"].items()},
                                   "param_groups": opt["param_groups"]}),
             "schedule": self.schedule.state_dict() if self.schedule is not None else None,
-            "rng": get_rng_state(),
+            "rng": (get_rng_state() if dist.world_size() == 1
+                    else dist.broadcast_each(get_rng_state(), "the ranks' RNG states")),
             "train_loader": _loader_state(self.train_loader),
             "eval_loader": _loader_state(self.eval_loader),
             "early_stopping": self.early_stopping.state_dict() if self.early_stopping is not None else None,
@@ -379,7 +384,12 @@ class Trainer:
                                         "param_groups": opt["param_groups"]})
         if self.schedule is not None and state.get("schedule") is not None:
             self.schedule.load_state_dict(state["schedule"])
-        set_rng_state(state["rng"])
+        states = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]  # one per rank
+        if len(states) == dist.world_size():
+            set_rng_state(states[dist.rank()])
+        else:
+            set_rng_state(states[0])
+            _split_rng()
         for loader, key in ((self.train_loader, "train_loader"), (self.eval_loader, "eval_loader")):
             if state.get(key) is not None and hasattr(loader, "load_state_dict"):
                 loader.load_state_dict(state[key])
@@ -389,8 +399,9 @@ class Trainer:
     def save_checkpoint(self, directory=None) -> None:
         """Write the weights and ``state_dict()`` atomically into ``directory`` (default: checkpoint_dir)."""
         from ..io.checkpoint import save_checkpoint
-        if dist.is_main():  # every rank holds the same weights and state
-            save_checkpoint(directory or self.checkpoint_dir, get_weights(self.model), self.state_dict())
+        state = self.state_dict()  # on every rank: it gathers their RNG states
+        if dist.is_main():  # every rank holds the same weights
+            save_checkpoint(directory or self.checkpoint_dir, get_weights(self.model), state)
         dist.barrier(f"the checkpoint of step {self.step}")
 
     def load_checkpoint(self, directory=None) -> None:
@@ -401,6 +412,12 @@ class Trainer:
         self.load_state_dict(state)
         if self.log is not None:
             self.log.truncate(self.step)
+
+
+def _split_rng() -> None:
+    """With several ranks, give each its own stream: the shared generator's next draw and the rank."""
+    if dist.world_size() > 1:
+        manual_seed([int(generator().integers(2**63)), dist.rank()])
 
 
 def _loader_state(loader):
