@@ -1,4 +1,5 @@
-"""The ``tinysft`` command: finetune (the main job), ensemble, distill, eval, predict, embed, verify, generate, chat, serve.
+"""The ``tinysft`` command: finetune (the main job), ensemble, distill, eval, predict, embed, verify,
+generate, chat, sft, serve.
 
 Errors a user can act on (a missing model, a bad config, a corrupt checkpoint,
 a dataset with an unknown label, ...) print one line and exit with status 2;
@@ -8,7 +9,7 @@ import argparse
 import sys
 
 from .. import __version__
-from .config import CHAT, FINETUNE, GENERATE
+from .config import CHAT, FINETUNE, GENERATE, SFT
 from .distill import DISTILL
 from .serve import SERVE
 
@@ -76,6 +77,16 @@ def _parser():
                                                  "(default: the decoder of --model)")
     CHAT.add_flags(chat)
 
+    sft = command("sft", "instruction-tune a causal decoder, test it before and after, export it (default: LoRA "
+                         "on SmolLM2-135M-Instruct with WordNet questions, about ten minutes)")
+    sft.add_argument("--config", help="TOML file with settings (flags override it)")
+    sft.add_argument("--show-mask", action="store_true",
+                     help="print a few training examples with their trained and ignored tokens, and exit")
+    sft.add_argument("--overwrite", action="store_true", help="replace the run in --out")
+    SFT.add_flags(sft)
+    sft.add_argument("--full", dest="strategy", action="store_const", const="full",
+                     help="full fine-tuning of every weight: --strategy full")
+
     serve = command("serve", "serve a run over HTTP: POST /v1/classify for a classifier run, the OpenAI-style "
                              "POST /v1/chat/completions for a decoder")
     serve.add_argument("run_dir", nargs="?", help="a finetune run, or a folder holding a decoder "
@@ -141,6 +152,9 @@ def _dispatch(args) -> int:
     if args.command == "chat":
         from .chat import chat
         return chat(CHAT.build(None, CHAT.overrides(args)), args.run_dir)
+    if args.command == "sft":
+        from .sft import sft
+        return sft(SFT.build(args.config, SFT.overrides(args)), show_mask=args.show_mask, overwrite=args.overwrite)
     if args.command == "serve":
         from .serve import serve
         return serve(args.run_dir, SERVE.build(None, SERVE.overrides(args)))

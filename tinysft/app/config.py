@@ -58,14 +58,16 @@ from typing import Any, Callable
 from ..backend import DEVICES
 from ..data.chat import DEFAULT_SYSTEM_PROMPT
 from ..data.datasets import read_utf8
+from ..data.sft import TRAIN_ON
 from ..finetune.strategies import STRATEGIES
 from ..nn import POOLINGS
+from ..nn.lora import LLAMA_TARGETS
 from ..nn.transformer import parse_dropout_schedule
 from ..optim import OPTIMIZERS
 from ..optim.regularization import PENALTIES as _PENALTY_KINDS
 from ..optim.schedules import SCHEDULES
 
-__all__ = ["ConfigError", "Setting", "Settings", "FINETUNE", "GENERATE", "CHAT", "RunConfig", "build_config",
+__all__ = ["ConfigError", "Setting", "Settings", "FINETUNE", "GENERATE", "CHAT", "SFT", "RunConfig", "build_config",
            "to_toml", "read_toml"]
 
 
@@ -370,6 +372,54 @@ GENERATE = Settings("generate", [
     Setting("raw", bool, False, "feed the prompt as it is, without the chat template"),
 ])
 CHAT = Settings("chat", [s for s in GENERATE if s.name != "raw"])
+
+
+# --------------------------------------------------------------------------- sft
+
+def _lora_targets_known(c):
+    names = c.lora_targets.split(",")
+    unknown = [n for n in names if n not in LLAMA_TARGETS]
+    if unknown or len(set(names)) != len(names):
+        return (f"lora_targets = {c.lora_targets!r}: give distinct names from {','.join(LLAMA_TARGETS)}, "
+                "separated by commas without spaces")
+
+
+SFT = Settings("sft", [
+    dataclasses.replace(GENERATE["model"], help="the decoder to tune: " + GENERATE["model"].help),
+    GENERATE["tokenizer"],
+    Setting("data", str, "wordnet", "'wordnet' (built-in questions: a noun's category, a word's meaning) "
+                                    "or a .jsonl file of chats ({\"messages\": [...]}) or "
+                                    "{\"prompt\", \"completion\"} rows"),
+    Setting("max_examples", int, 2000, "examples drawn at random by seed (wordnet: 2 per synset)", minimum=0,
+            zero="all"),
+    Setting("test_fraction", float, 0.1, "share of examples held out for the test", minimum=0, maximum=1,
+            exclusive=True, exclusive_max=True),
+    Setting("eval_examples", int, 200, "test examples evaluated before and after training", minimum=0,
+            zero="the whole test split"),
+    Setting("train_on", str, "assistant", "tokens that carry the loss: every assistant reply, the last "
+                                          "one only, or every token", choices=TRAIN_ON),
+    Setting("packing", bool, False, "pack several examples into each row of max_length tokens"),
+    Setting("max_length", int, 128, "tokens per example (or per packed row); longer ones are cut", minimum=2),
+    Setting("strategy", str, "lora", "train LoRA adapters only, or every weight (--full)", choices=("lora", "full")),
+    Setting("lora_r", int, 16, "LoRA rank r", minimum=1, maximum=1024),
+    Setting("lora_alpha", float, 32.0, "LoRA scale: ΔW = (alpha/r)·B·A", minimum=0, exclusive=True),
+    Setting("lora_dropout", float, 0.05, "dropout on the adapters' input", minimum=0, maximum=1, exclusive_max=True),
+    Setting("lora_targets", str, ",".join(LLAMA_TARGETS), "projections that get adapters, comma-separated"),
+    Setting("rslora", bool, False, "rank-stabilised LoRA: scale alpha/√r"),
+    dataclasses.replace(FINETUNE["lr"], default=1e-3, help="peak learning rate (full fine-tuning wants ~2e-5)"),
+    dataclasses.replace(FINETUNE["weight_decay"], default=0.0, help="decoupled (AdamW) weight decay"),
+    dataclasses.replace(FINETUNE["schedule"], default="cosine"),
+    dataclasses.replace(FINETUNE["warmup_ratio"], default=0.05),
+    dataclasses.replace(FINETUNE["epochs"], default=1),
+    FINETUNE["max_steps"],
+    dataclasses.replace(FINETUNE["batch_size"], default=8),
+    FINETUNE["accumulation"], FINETUNE["clip"], FINETUNE["log_every"],
+    dataclasses.replace(FINETUNE["seed"], help="seed for the split, shuffling, dropout and the adapters' init"),
+    Setting("gguf_dtype", str, "Q8_0", "type of the 2-D weights in the GGUF export", choices=("F16", "Q8_0")),
+    dataclasses.replace(FINETUNE["out"], default="runs/sft",
+                        help="run folder: config, metrics, plots, adapters, the merged model (HF and GGUF)"),
+    FINETUNE["progress"],
+], checks=[_has_a_length, _accumulation_divides_batch, _lora_targets_known])
 
 
 def to_toml(settings: dict) -> str:

@@ -27,20 +27,28 @@ from ..models.locate import SMOLLM2_INSTALL_HINT
 from .output import say
 
 
-def load_decoder(model: str = "auto", tokenizer: str = "auto"):
-    """(LlamaForCausalLM in eval mode, BPETokenizer) for ``--model`` and ``--tokenizer``."""
+def decoder_paths(model: str = "auto", tokenizer: str = "auto") -> tuple:
+    """(model path, tokenizer GGUF path) that ``--model`` and ``--tokenizer`` stand for."""
     if model == "auto":
         model = package_gguf()
         if model is None:
             raise ModelNotFoundError(f"SmolLM2-135M-Instruct not found offline: run {SMOLLM2_INSTALL_HINT}")
     path = Path(model).expanduser()
-    decoder = LlamaForCausalLM.from_pretrained(path)
+    if not path.exists() and (path.suffix == ".gguf" or str(model).startswith(("/", ".", "~"))):
+        raise ModelNotFoundError(f"model not found: {path}")  # a path, not a hub name
     if tokenizer == "auto":
         tokenizer = path if path.is_file() else _folder_gguf(path)
         if tokenizer is None:
             raise ModelNotFoundError(f"{path} has no tokenizer of its own: pass --tokenizer FILE.gguf "
                                      f"(or install SmolLM2's: {SMOLLM2_INSTALL_HINT})")
-    bpe = BPETokenizer.from_gguf(Path(tokenizer).expanduser())
+    return path, Path(tokenizer).expanduser()
+
+
+def load_decoder(model: str = "auto", tokenizer: str = "auto"):
+    """(LlamaForCausalLM in eval mode, BPETokenizer) for ``--model`` and ``--tokenizer``."""
+    path, tokenizer = decoder_paths(model, tokenizer)
+    decoder = LlamaForCausalLM.from_pretrained(path)
+    bpe = BPETokenizer.from_gguf(tokenizer)
     if bpe.vocab_size != decoder.config.vocab_size:
         raise ValueError(f"the tokenizer of {tokenizer} has {bpe.vocab_size:,} tokens but the model {path} "
                          f"{decoder.config.vocab_size:,}: pass the model's own tokenizer with --tokenizer")
