@@ -346,3 +346,25 @@ def test_serve_refuses_bad_settings_in_one_line(run_folder):
         with contextlib.redirect_stderr(err):
             assert main(["serve", str(run_folder), *flags]) == 2
         assert err.getvalue().count("\n") == 1 and fragment in err.getvalue(), err.getvalue()
+
+
+def test_tinysft_serve_a_decoder_folder(tmp_path):
+    """A folder as ``tinysft sft`` writes one (HF config.json + model.safetensors, its GGUF beside it)."""
+    import signal
+    import subprocess
+    import sys
+
+    from .tiny_decoder import write_tiny_decoder
+    folder = write_tiny_decoder(tmp_path / "decoder")
+    process = subprocess.Popen([sys.executable, "-m", "tinysft", "serve", str(folder), "--port", "0", "--no-log"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = process.stdout.readline()
+        assert line.startswith("serving chat decoder on http://127.0.0.1:"), process.stderr.read()
+        server = type("Address", (), {"server_port": int(line.split("http://127.0.0.1:")[1].split(" ")[0])})
+        status, answer = post(server, "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 5})
+        assert status == 200 and answer["usage"]["completion_tokens"] <= 5
+        assert answer["choices"][0]["finish_reason"] in ("stop", "length")
+    finally:
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=30) == 0
