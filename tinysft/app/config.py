@@ -390,11 +390,11 @@ SFT = Settings("sft", [
     Setting("data", str, "wordnet", "'wordnet' (built-in questions: a noun's category, a word's meaning) "
                                     "or a .jsonl file of chats ({\"messages\": [...]}) or "
                                     "{\"prompt\", \"completion\"} rows"),
-    Setting("max_examples", int, 2000, "examples drawn at random by seed (wordnet: 2 per synset)", minimum=0,
+    Setting("max_examples", int, 1000, "examples drawn at random by seed (wordnet: 2 per synset)", minimum=0,
             zero="all"),
     Setting("test_fraction", float, 0.1, "share of examples held out for the test", minimum=0, maximum=1,
             exclusive=True, exclusive_max=True),
-    Setting("eval_examples", int, 200, "test examples evaluated before and after training", minimum=0,
+    Setting("eval_examples", int, 0, "test examples evaluated before and after training", minimum=0,
             zero="the whole test split"),
     Setting("train_on", str, "assistant", "tokens that carry the loss: every assistant reply, the last "
                                           "one only, or every token", choices=TRAIN_ON),
