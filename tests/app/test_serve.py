@@ -175,6 +175,12 @@ def test_oversize_body_is_413_before_it_is_read(classifier_server):
         s.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000000\r\n\r\n")
         reply = s.makefile("rb").read()
     assert reply.startswith(b"HTTP/1.1 413") and b"at most %d" % MAX_BODY in reply
+    # with Expect: 100-continue the refusal comes instead of the 100, before any of the body is sent
+    with socket.create_connection(("127.0.0.1", classifier_server.server_port), timeout=30) as s:
+        s.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000000\r\n"
+                  b"Expect: 100-continue\r\n\r\n")
+        reply = s.makefile("rb").read()
+    assert reply.startswith(b"HTTP/1.1 413") and b"100 Continue" not in reply
 
 
 def test_a_body_needs_a_content_length(classifier_server):

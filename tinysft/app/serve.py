@@ -284,6 +284,19 @@ class Handler(BaseHTTPRequestHandler):
 
     do_DELETE = do_PATCH = do_PUT
 
+    def too_large(self, length: int) -> RequestError:
+        return RequestError(413, f"the body has {length} bytes; at most {self.server.max_body}")
+
+    def handle_expect_100(self):
+        """``Expect: 100-continue`` with a Content-Length over the bound: 413 at once, before the client
+        sends the body (a plain 100 Continue otherwise)."""
+        length = self.headers.get("Content-Length", "")
+        if length.strip().isdigit() and int(length) > self.server.max_body:
+            self.close_connection = True
+            self.send_error_json(self.too_large(int(length)))
+            return False
+        return super().handle_expect_100()
+
     def read_json(self) -> dict:
         """The body as a JSON object, read only when its declared size is within ``max_body``."""
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
@@ -299,7 +312,7 @@ class Handler(BaseHTTPRequestHandler):
         length = int(length)
         if length > self.server.max_body:
             self.close_connection = True  # the body stays unread: this connection cannot carry another request
-            raise RequestError(413, f"the body has {length} bytes; at most {self.server.max_body}")
+            raise self.too_large(length)
         data = self.rfile.read(length)
         if len(data) < length:
             self.close_connection = True
