@@ -74,15 +74,14 @@ def ensemble(run_dirs) -> int:
     member_probs = np.stack(member_probs)  # (K, N, C)
     results = {m: ensemble_metrics(member_probs, labels, m, len(label_names)) for m in METHODS}
     say(f"test split: {len(test)} examples, {len(label_names)} classes, {len(run_dirs)} members")
-    width = max(len(str(d)) for d in run_dirs)
-    for run_dir, member in zip(run_dirs, results["mean"]["members"]):
-        say(f"  member {str(run_dir):<{width}}  accuracy {member['accuracy']:.4f}  macro_f1 {member['macro_f1']:.4f}")
     best = max(results["mean"]["members"], key=lambda m: m["accuracy"])
-    for method in METHODS:
-        r = results[method]
-        say(f"  ensemble, {METHOD_NAMES[method]:<21}  accuracy {r['accuracy']:.4f}  macro_f1 {r['macro_f1']:.4f}  "
-            f"(vs the best member: accuracy {r['accuracy'] - best['accuracy']:+.4f}, "
-            f"macro_f1 {r['macro_f1'] - best['macro_f1']:+.4f})")
+    rows = [(f"member {run_dir}", member, "") for run_dir, member in zip(run_dirs, results["mean"]["members"])]
+    rows += [(f"ensemble, {METHOD_NAMES[m]}", results[m],
+              f"  (vs the best member: accuracy {results[m]['accuracy'] - best['accuracy']:+.4f}, "
+              f"macro_f1 {results[m]['macro_f1'] - best['macro_f1']:+.4f})") for m in METHODS]
+    width = max(len(name) for name, _, _ in rows)
+    for name, r, gain in rows:
+        say(f"  {name:<{width}}  accuracy {r['accuracy']:.4f}  macro_f1 {r['macro_f1']:.4f}{gain}")
     return 0
 
 
