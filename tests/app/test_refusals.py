@@ -368,13 +368,15 @@ def test_a_spoilt_run_folder_is_one_line_naming_the_file(finished_run, tmp_path,
     assert_user_error(run_cli(argv), name, *fragments)
 
 
-def test_a_spoilt_model_config_of_a_run(finished_run, tiny_model, tmp_path):
+@pytest.mark.parametrize("name, spoil, fragments", [("config.json", '{"hidden_size": "eight"}', ["hidden_size = 'eight'"]),
+                                                     ("vocab.txt", b"[PAD]\n\xff\n", ["line 2", "not UTF-8"])])
+def test_a_spoilt_model_folder_of_a_run(finished_run, tiny_model, tmp_path, name, spoil, fragments):
     model = tmp_path / "model"
     shutil.copytree(tiny_model, model)
     copy = _spoilt_copy(finished_run, tmp_path, "run.json", _with(model_dir=str(model)))
-    _write(model / "config.json", '{"hidden_size": "eight"}')
+    _write(model / name, spoil)
     for argv in (["eval", str(copy)], ["predict", str(copy), "a cat"]):
-        assert_user_error(run_cli(argv), "config.json", "hidden_size = 'eight'")
+        assert_user_error(run_cli(argv), name, *fragments)
 
 
 @pytest.mark.parametrize("change, label, line", [

@@ -20,12 +20,11 @@ import os
 import shutil
 from pathlib import Path
 
-from ..data import WordPieceTokenizer
 from ..io import atomic_write_text, load_file, save_file
 from ..io.checkpoint import MANIFEST
 from ..models import BertForSequenceClassification, BertModel
 from .config import ConfigError, build_config, to_toml
-from .files import FileError, read_json, read_model_config, require
+from .files import FileError, read_json, read_model_config, read_tokenizer, require
 from .plots import PLOTS
 
 CONFIG, INFO, WEIGHTS, METRICS, CHECKPOINT = "config.toml", "run.json", "model.safetensors", "metrics.jsonl", "checkpoint"
@@ -120,4 +119,4 @@ def load_run(run_dir):
                                           dropout=config.dropout)
     model.load_state_dict(load_file(Path(run_dir) / WEIGHTS, mmap=False))
     model.to(config.device)
-    return config, info, model.eval(), WordPieceTokenizer.from_dir(info["model_dir"])
+    return config, info, model.eval(), read_tokenizer(info["model_dir"])
