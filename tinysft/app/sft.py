@@ -18,7 +18,13 @@ The run folder (``--out``):
 so ``tinysft chat RUN_DIR`` (and ``generate --model RUN_DIR``, ``serve RUN_DIR``) talk to the tuned
 model. ``--show-mask`` prints a few training examples with their trained and ignored tokens and
 exits. An ``--out`` that holds a run is refused unless ``--overwrite``.
+
+Under ``mpirun -n W tinysft sft ...`` the W ranks train one run data-parallel, as
+``tinysft finetune`` does: ``batch_size`` is the global batch, the loss is normalised by the
+supervised tokens of all ranks, every rank evaluates the whole test split (the same
+figures), and rank 0 alone prints and writes the run folder.
 """
+import contextlib
 import json
 import shutil
 import sys
@@ -28,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import distributed as dist
 from .. import rng
 from ..data.bpe import BPETokenizer
 from ..data.loader import DataLoader
@@ -61,6 +68,16 @@ def run_files(config) -> tuple:
 
 def sft(config, show_mask: bool = False, overwrite: bool = False) -> int:
     """Tune, evaluate before and after, write the run folder; see the module docstring."""
+    from .finetune import check_world
+    dist.init()
+    with dist.failing_fast():
+        config = dist.broadcast_settings(config)
+        check_world(config, dist.world_size())
+        with contextlib.nullcontext() if dist.is_main() else contextlib.redirect_stdout(None):  # one voice
+            return _sft(config, show_mask, overwrite)
+
+
+def _sft(config, show_mask: bool, overwrite: bool) -> int:
     started = time.perf_counter()
     out = Path(config.out)
     present = [name for name in run_files(config) if (out / name).exists()]
@@ -78,8 +95,8 @@ def sft(config, show_mask: bool = False, overwrite: bool = False) -> int:
         f"tokens, {counts['dropped']} without a supervised token left out), test {len(test_examples)}")
     rows = pack_examples(train, config.max_length) if config.packing else train
     collate = partial(sft_collate, pad_id=pad_id(model))
-    loader = DataLoader(rows, config.batch_size // config.accumulation, shuffle=True, seed=config.seed,
-                        collate=collate)
+    loader = DataLoader(rows, config.batch_size // (config.accumulation * dist.world_size()), shuffle=True,
+                        seed=config.seed, collate=collate, num_replicas=dist.world_size(), rank=dist.rank())
     evaluated = test_examples[:config.eval_examples or None]
     before = evaluate(model, tokenizer, evaluated, config)
     say(f"before: {format_figures(before)}")
@@ -87,18 +104,23 @@ def sft(config, show_mask: bool = False, overwrite: bool = False) -> int:
     plan = prepare_model(model, config)
     say(f"model: {model_path} — {plan}; {'packed rows' if config.packing else 'examples'} of at most "
         f"{config.max_length} tokens, {config.batch_size} per step")
-    for name in present:  # --overwrite: the old run goes only once the new one has loaded
-        remove(out / name)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / CONFIG, to_toml(config.to_dict()))
+    if dist.is_main():
+        for name in present:  # --overwrite: the old run goes only once the new one has loaded
+            remove(out / name)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / CONFIG, to_toml(config.to_dict()))
+    dist.barrier("the run folder's creation")
     trainer, progress = build_trainer(model, config, loader, out)
     train_started = time.perf_counter()
     trainer.fit()
     train_seconds = time.perf_counter() - train_started
     progress.close()
+    progress.tokens = int(dist.all_reduce_sum([progress.tokens], "the count of tokens")[0])  # of every rank
 
     after = evaluate(model, tokenizer, evaluated, config)
     say(f"after:  {format_figures(after)}")
+    if not dist.is_main():
+        return 0
     if config.strategy == "lora":
         save_adapter(model, out / ADAPTER, base_model_name_or_path=str(model_path))
         merge_and_unload(model)

@@ -149,7 +149,9 @@ class Trainer:
             self.load_checkpoint()
         else:
             _split_rng()
-        dist.broadcast_arrays([p.data for p in self.model.parameters()])
+        # Rank 0's weights everywhere; read-only ones are maps of the files every rank loaded alike.
+        dist.broadcast_arrays([p.data for p in self.model.parameters()
+                               if not isinstance(p.data, np.ndarray) or p.data.flags.writeable])
         self._clear_grads()
         bar = ProgressBar(self.total_steps, enabled=self.progress)
         try:
