@@ -121,12 +121,7 @@ def _sft(config, show_mask: bool, overwrite: bool) -> int:
     say(f"after:  {format_figures(after)}")
     if not dist.is_main():
         return 0
-    if config.strategy == "lora":
-        save_adapter(model, out / ADAPTER, base_model_name_or_path=str(model_path))
-        merge_and_unload(model)
-    save_pretrained(model, out)
-    export_gguf(model, out / gguf_name(config), tokenizer_metadata(tokenizer_path), config.gguf_dtype,
-                name=f"{Path(model_path).stem} tuned by tinysft sft")
+    export_model(model, config, out, model_path, tokenizer_path)
     seconds = time.perf_counter() - started
     atomic_write_text(out / INFO, json.dumps({
         "command": "sft", "model": str(model_path), "tokenizer": str(tokenizer_path),
@@ -140,6 +135,17 @@ def _sft(config, show_mask: bool, overwrite: bool) -> int:
         f"{gguf_name(config)}" + (f"; plots: {', '.join(p.name for p in written)})" if written else ")"))
     say(f"talk to it: tinysft chat {out}")
     return 0
+
+
+def export_model(model, config, out: Path, model_path, tokenizer_path) -> None:
+    """The adapters (LoRA) in ``out/adapter``, then the merged model as config.json +
+    model.safetensors and as GGUF with the tokenizer of ``tokenizer_path``."""
+    if config.strategy == "lora":
+        save_adapter(model, out / ADAPTER, base_model_name_or_path=str(model_path))
+        merge_and_unload(model)
+    save_pretrained(model, out)
+    export_gguf(model, out / gguf_name(config), tokenizer_metadata(tokenizer_path), config.gguf_dtype,
+                name=f"{Path(model_path).stem} tuned by tinysft sft")
 
 
 def encode_train(tokenizer, examples, config) -> tuple:
