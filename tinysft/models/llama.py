@@ -314,7 +314,9 @@ class _GGUFTensor:
         value = self.file.tensor(self.name)
         if self.heads:
             value = unpermute_rotary_rows(value, self.heads)
-        return value if dtype is None else value.astype(dtype, copy=False)
+        # copy=True (NumPy 2 asks for it when the caller copies) must give a fresh array: an F32
+        # tensor is a read-only view of the file's map, which an optimizer could not update
+        return np.array(value, dtype=dtype, copy=copy)
 
 
 # ----- GGUF names and the rotary row permutation -----
