@@ -48,7 +48,7 @@ import time
 
 import numpy as np
 
-from .backend import device_of, to_device, xp_for
+from .backend import cuda_available, device_of, to_device, xp_for
 
 __all__ = ["DistributedError", "init", "is_initialized", "rank", "world_size", "is_main", "all_reduce",
            "all_reduce_sum", "broadcast", "broadcast_arrays", "all_gather", "barrier", "shard", "LAUNCH_VARIABLES"]
@@ -100,6 +100,7 @@ def init(timeout: float | None = None, comm=None) -> tuple[int, int]:
         comm = _mpi_world()
     if comm is not None:
         _world.comm, _world.rank, _world.size = comm, comm.Get_rank(), comm.Get_size()
+        _use_local_gpu()
     _world.initialized = True
     return _world.rank, _world.size
 
@@ -114,6 +115,17 @@ def _mpi_world():
     from mpi4py import MPI
     atexit.register(_finalize)
     return MPI.COMM_WORLD
+
+
+LOCAL_RANK_VARIABLES = ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "PMI_LOCAL_RANK", "SLURM_LOCALID")
+
+
+def _use_local_gpu() -> None:
+    """One GPU per rank: the rank's index on its host picks CuPy's current device (modulo the GPUs seen)."""
+    local = next((int(os.environ[name]) for name in LOCAL_RANK_VARIABLES if name in os.environ), None)
+    if local is not None and cuda_available():
+        import cupy
+        cupy.cuda.Device(local % cupy.cuda.runtime.getDeviceCount()).use()
 
 
 def _finalize():
