@@ -76,7 +76,7 @@ import numpy as np
 
 from tinysft.data.chat import ROLES, render_chatml, render_chatml_with_spans, tokens_in_spans
 from tinysft.data.datasets import DatasetError
-from tinysft.data.wordnet import FIRST_NOUN_LEXFILE, NOUN_LEXNAMES, _read_text, find_wordnet_noun_file
+from tinysft.data.wordnet import NOUN_LEXNAMES, find_wordnet_noun_file, parse_synsets
 
 __all__ = ["IGNORE", "TRAIN_ON", "KINDS", "read_sft_jsonl", "parse_noun_synsets", "wordnet_sft_splits",
            "encode_example", "encode_prompt", "encode_examples", "pack_examples", "Packed", "sft_collate",
@@ -228,35 +228,11 @@ def read_sft_jsonl(path: str | os.PathLike, max_line_bytes: int = MAX_LINE_BYTES
 
 
 def parse_noun_synsets(path: str | os.PathLike | None = None) -> list[dict]:
-    """Every synset of WordNet's `data.noun`, in file order: `{"offset", "lemmas", "lexname", "gloss",
-    "definition"}` (the gloss's first definition: see `wordnet_sft_splits`).
-
-    A line reads `offset lex_filenum ss_type w_cnt word lex_id [word lex_id ...] p_cnt ... | gloss`,
-    with `w_cnt` in hexadecimal; lemmas keep WordNet's spelling (`laser-guided_bomb`).
-    """
-    path = find_wordnet_noun_file(path)
-    synsets = []
-    for line_num, line in enumerate(_read_text(path).splitlines(), start=1):
-        if line.startswith("  ") or not line.strip():  # licence header
-            continue
-        head, sep, gloss = line.partition(" | ")
-        fields = head.split(" ", 4)
-        try:
-            count = int(fields[3], 16)
-            words = fields[4].split(" ", 2 * count)[:2 * count]
-        except (IndexError, ValueError):
-            count, words = 0, []
-        if not sep or count < 1 or len(words) < 2 * count or not fields[1].isdigit():
-            raise DatasetError(f"{path}: line {line_num}: not a WordNet synset line")
-        label = int(fields[1]) - FIRST_NOUN_LEXFILE
-        if not 0 <= label < len(NOUN_LEXNAMES):
-            raise DatasetError(f"{path}: line {line_num}: lex_filenum {fields[1]} is not a noun file (03-28)")
-        gloss = gloss.strip()
-        synsets.append({"offset": fields[0], "lemmas": tuple(words[::2]), "lexname": NOUN_LEXNAMES[label],
-                        "gloss": gloss, "definition": _definition(gloss)})
-    if not synsets:
-        raise DatasetError(f"{path}: no synsets found")
-    return synsets
+    """Every synset of WordNet's `data.noun` (`tinysft.data.wordnet.parse_synsets`), in file order:
+    `{"offset", "lemmas", "lexname", "gloss", "definition"}` (the gloss's first definition: see
+    `wordnet_sft_splits`)."""
+    return [{"offset": s.offset, "lemmas": s.lemmas, "lexname": NOUN_LEXNAMES[s.label], "gloss": s.gloss,
+             "definition": _definition(s.gloss)} for s in parse_synsets(find_wordnet_noun_file(path))]
 
 
 _CUT = re.compile(r'[;"]')

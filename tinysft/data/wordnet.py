@@ -11,17 +11,18 @@ Each line of WordNet 3.0's `data.noun` is one synset:
 
 from __future__ import annotations
 
-import io
 import os
 import sys
 import zipfile
+from typing import NamedTuple
 
 import numpy as np
 
 from tinysft.data.datasets import DatasetError, TextClassificationDataset
 from tinysft.data.splits import stratified_sample
 
-__all__ = ["NOUN_LEXNAMES", "find_wordnet_noun_file", "parse_data_noun", "load_wordnet_supersenses"]
+__all__ = ["NOUN_LEXNAMES", "Synset", "find_wordnet_noun_file", "parse_synsets", "parse_data_noun",
+           "load_wordnet_supersenses"]
 
 # WordNet's lexicographer files 03..28 (the noun ones), in file-number order.
 NOUN_LEXNAMES = [
@@ -82,24 +83,47 @@ def _read_text(path: str) -> str:
         return f.read()
 
 
-def parse_data_noun(path: str) -> tuple[list[str], np.ndarray]:
-    """All (gloss, lex_filenum - 3) pairs of a `data.noun` file, in file order."""
-    glosses, labels = [], []
-    for line_num, line in enumerate(io.StringIO(_read_text(path)), start=1):
+class Synset(NamedTuple):
+    """One line of `data.noun`: its offset, its lemmas (WordNet's spelling, `laser-guided_bomb`),
+    its label (lex_filenum − 3, an index into NOUN_LEXNAMES) and its gloss."""
+    offset: str
+    lemmas: tuple
+    label: int
+    gloss: str
+
+
+def parse_synsets(path: str) -> list[Synset]:
+    """Every synset of a `data.noun` file, in file order.
+
+    A line reads `offset lex_filenum ss_type w_cnt word lex_id [word lex_id ...] p_cnt ... | gloss`,
+    with `w_cnt` in hexadecimal; the licence header's lines start with two spaces.
+    """
+    synsets = []
+    for line_num, line in enumerate(_read_text(path).splitlines(), start=1):
         if line.startswith("  ") or not line.strip():  # licence header
             continue
-        fields = line.split(" ", 3)
-        _, sep, gloss = line.partition(" | ")
-        if len(fields) < 4 or not sep or not fields[1].isdigit():
+        head, sep, gloss = line.partition(" | ")
+        fields = head.split(" ", 4)
+        try:
+            count = int(fields[3], 16)
+            words = fields[4].split(" ", 2 * count)[:2 * count]
+        except (IndexError, ValueError):
+            count, words = 0, []
+        if not sep or count < 1 or len(words) < 2 * count or not fields[1].isdigit():
             raise DatasetError(f"{path}: line {line_num}: not a WordNet synset line")
         label = int(fields[1]) - FIRST_NOUN_LEXFILE
         if not 0 <= label < len(NOUN_LEXNAMES):
             raise DatasetError(f"{path}: line {line_num}: lex_filenum {fields[1]} is not a noun file (03-28)")
-        glosses.append(gloss.strip())
-        labels.append(label)
-    if not glosses:
+        synsets.append(Synset(fields[0], tuple(words[::2]), label, gloss.strip()))
+    if not synsets:
         raise DatasetError(f"{path}: no synsets found")
-    return glosses, np.asarray(labels, dtype=np.int64)
+    return synsets
+
+
+def parse_data_noun(path: str) -> tuple[list[str], np.ndarray]:
+    """All (gloss, lex_filenum - 3) pairs of a `data.noun` file, in file order."""
+    synsets = parse_synsets(path)
+    return [s.gloss for s in synsets], np.asarray([s.label for s in synsets], dtype=np.int64)
 
 
 def load_wordnet_supersenses(path: str | os.PathLike | None = None, max_examples: int | None = None,
