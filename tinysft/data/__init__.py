@@ -1,6 +1,8 @@
-"""Data: the WordPiece tokenizer, text classification and array datasets, dataset sources, splits,
+"""Data: the WordPiece and byte-level BPE tokenizers, the ChatML template, text classification and array datasets, dataset sources, splits,
 the batch loader and its collates, and the SFT data (chat JSONL, WordNet questions, loss masks, packing)."""
 
+from tinysft.data.bpe import BPETokenizer
+from tinysft.data.chat import DEFAULT_SYSTEM_PROMPT, render_chatml, render_chatml_with_spans, tokens_in_spans
 from tinysft.data.datasets import ArrayDataset, DatasetError, TextClassificationDataset, load_csv, load_jsonl
 from tinysft.data.loader import DataLoader, default_collate, tokenizing_collate
 from tinysft.data.sft import (IGNORE, TRAIN_ON, encode_example, encode_examples, encode_prompt, pack_examples,
@@ -14,7 +16,8 @@ __all__ = [
     "ArrayDataset", "DatasetError", "TextClassificationDataset", "load_csv", "load_jsonl", "load_dataset",
     "DataLoader", "default_collate", "tokenizing_collate",
     "split_dataset", "stratified_sample", "stratified_split", "train_val_test",
-    "WordPieceTokenizer",
+    "WordPieceTokenizer", "BPETokenizer",
+    "DEFAULT_SYSTEM_PROMPT", "render_chatml", "render_chatml_with_spans", "tokens_in_spans",
     "NOUN_LEXNAMES", "load_wordnet_supersenses",
     "IGNORE", "TRAIN_ON", "read_sft_jsonl", "wordnet_sft_splits", "encode_example", "encode_examples",
     "encode_prompt", "pack_examples", "sft_collate", "render_mask",
