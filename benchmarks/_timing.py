@@ -12,9 +12,11 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ[_var] = str(THREADS)
 
 import cProfile
+import json
 import platform
 import pstats
 import statistics
+import subprocess
 import time
 
 import numpy as np
@@ -129,3 +131,19 @@ def profile(fn, steps: int, what: str, top: int = 15) -> None:
     profiler.disable()
     print(f"# cProfile of {steps} {what}, by own time")
     pstats.Stats(profiler).sort_stats("tottime").print_stats(top)
+
+
+def run_child(script: str, child_args: list, threads: int, what: str) -> dict:
+    """Run ``script --child ...`` in a fresh process with ``BENCH_THREADS=threads`` and return the
+    JSON it printed on its ``RESULT`` line; its other lines (a profile, if asked for) are echoed."""
+    env = {**os.environ, "BENCH_THREADS": str(threads)}
+    out = subprocess.run([sys.executable, os.path.abspath(script), "--child", *child_args],
+                         env=env, capture_output=True, text=True)
+    lines = out.stdout.splitlines()
+    for line in lines:
+        if not line.startswith("RESULT "):
+            print(line)
+    if out.returncode:
+        sys.stderr.write(out.stderr)
+        raise SystemExit(f"{what} at {threads} threads failed (exit {out.returncode})")
+    return json.loads(next(line for line in lines if line.startswith("RESULT "))[len("RESULT "):])

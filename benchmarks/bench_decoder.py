@@ -19,8 +19,6 @@ bandwidth) and for the bandwidth one GEMV on the head matrix reaches in the same
 import argparse
 import json
 import os
-import subprocess
-import sys
 
 import _timing  # first: pins BLAS threads before NumPy loads
 
@@ -121,18 +119,8 @@ def child(lib: str, repeats: int, profile_steps: int) -> None:
 
 
 def spawn(lib: str, threads: int, repeats: int, profile_steps: int):
-    env = {**os.environ, "BENCH_THREADS": str(threads)}
-    command = [sys.executable, os.path.abspath(__file__), "--child", lib, "--repeats", str(repeats),
-               "--profile", str(profile_steps if lib == "tinysft" else 0)]
-    out = subprocess.run(command, env=env, capture_output=True, text=True)
-    lines = out.stdout.splitlines()
-    for line in lines:
-        if not line.startswith("RESULT "):
-            print(line)  # the profile, if asked for
-    if out.returncode:
-        sys.stderr.write(out.stderr)
-        raise SystemExit(f"{lib} at {threads} threads failed (exit {out.returncode})")
-    return json.loads(next(line for line in lines if line.startswith("RESULT "))[len("RESULT "):])
+    return _timing.run_child(__file__, [lib, "--repeats", str(repeats),
+                                "--profile", str(profile_steps if lib == "tinysft" else 0)], threads, lib)
 
 
 def report(threads: int, ours: dict, theirs) -> None:

@@ -24,8 +24,6 @@ first step are printed side by side: they must agree.
 import argparse
 import json
 import os
-import subprocess
-import sys
 import time
 
 import _timing  # first: pins BLAS threads before NumPy loads
@@ -181,18 +179,8 @@ def child(lib, mode, repeats, profile_steps):
 
 
 def spawn(lib, mode, threads, repeats, profile_steps):
-    env = {**os.environ, "BENCH_THREADS": str(threads)}
-    command = [sys.executable, os.path.abspath(__file__), "--child", lib, mode, "--repeats", str(repeats),
-               "--profile", str(profile_steps)]
-    out = subprocess.run(command, env=env, capture_output=True, text=True)
-    lines = out.stdout.splitlines()
-    for line in lines:
-        if not line.startswith("RESULT "):
-            print(line)  # the profile, if asked for
-    if out.returncode:
-        sys.stderr.write(out.stderr)
-        raise SystemExit(f"{lib} {mode} at {threads} threads failed (exit {out.returncode})")
-    return json.loads(next(line for line in lines if line.startswith("RESULT "))[len("RESULT "):])
+    return _timing.run_child(__file__, [lib, mode, "--repeats", str(repeats), "--profile", str(profile_steps)],
+                     threads, f"{lib} {mode}")
 
 
 def report(threads, mode, ours, theirs):
