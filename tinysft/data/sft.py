@@ -77,6 +77,7 @@ import numpy as np
 from tinysft.data.chat import ROLES, render_chatml, render_chatml_with_spans, tokens_in_spans
 from tinysft.data.datasets import DatasetError
 from tinysft.data.wordnet import NOUN_LEXNAMES, find_wordnet_noun_file, parse_synsets
+from tinysft.io.bounds import unique_keys_object
 
 __all__ = ["IGNORE", "TRAIN_ON", "KINDS", "read_sft_jsonl", "parse_noun_synsets", "wordnet_sft_splits",
            "encode_example", "encode_prompt", "encode_examples", "pack_examples", "Packed", "sft_collate",
@@ -115,12 +116,7 @@ def _kind(value) -> str:
 
 
 def _object(pairs: list) -> dict:
-    obj = dict(pairs)
-    if len(obj) != len(pairs):
-        seen = set()
-        repeated = next(k for k, _ in pairs if k in seen or seen.add(k))
-        raise _RowError(f"key {repeated!r:.80} appears twice in one object")
-    return obj
+    return unique_keys_object(pairs, lambda key: _RowError(f"key {key!r:.80} appears twice in one object"))
 
 
 def _string(value, what: str) -> str:

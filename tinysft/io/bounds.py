@@ -58,6 +58,16 @@ class Cursor:
         return values
 
 
+def unique_keys_object(pairs: list, error: Callable[[str], Exception]) -> dict:
+    """A ``json`` ``object_pairs_hook``: the object, or ``error(key)`` for its first repeated key
+    (Python's ``json`` would silently keep the last copy)."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen = set()
+        raise error(next(k for k, _ in pairs if k in seen or seen.add(k)))
+    return obj
+
+
 @contextlib.contextmanager
 def paused_gc() -> Iterator[None]:
     """Pause the cycle collector while a header's objects are built.

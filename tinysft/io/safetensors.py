@@ -33,7 +33,7 @@ from typing import NamedTuple
 import numpy as np
 
 from tinysft.io.atomic import atomic_open
-from tinysft.io.bounds import INT64_MAX, check_layout, checked_size, paused_gc
+from tinysft.io.bounds import INT64_MAX, check_layout, checked_size, paused_gc, unique_keys_object
 
 __all__ = ["SafetensorsError", "TensorInfo", "SafetensorsFile", "load_file", "save_file"]
 
@@ -103,12 +103,7 @@ def _json_constant(text: str):
 
 
 def _json_object(pairs: list) -> dict:
-    obj = dict(pairs)
-    if len(obj) != len(pairs):
-        seen = set()
-        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
-        raise _Reject(f"duplicate key {dup!r}")
-    return obj
+    return unique_keys_object(pairs, lambda key: _Reject(f"duplicate key {key!r}"))
 
 
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
