@@ -286,7 +286,7 @@ def test_a_config_file_that_is_missing_or_a_folder(tmp_path, no_model_load):
 
 BAD_MODEL_FILES = [  # (file in the model folder, how to spoil it, fragments besides the file's name)
     ("config.json", b'{"hidden_size": \xff}', ["not UTF-8"]),
-    ("config.json", "{not json", ["not valid JSON"]),
+    ("config.json", "{not json", ["invalid JSON"]),
     ("config.json", NESTED, ["nested too deeply"]),
     ("config.json", "[1, 2]", ["expected a JSON object"]),
     ("config.json", {"hidden_size": "8"}, ["hidden_size = '8'", "an integer"]),
@@ -299,7 +299,7 @@ BAD_MODEL_FILES = [  # (file in the model folder, how to spoil it, fragments bes
     ("config.json", {"hidden_act": None}, ["hidden_act = None", "a string"]),
     ("config.json", {"max_position_embeddings": 8}, ["max_length = 12", "at most 8"]),
     ("vocab.txt", b"[PAD]\n\xff\n", ["line 2", "not UTF-8"]),
-    ("tokenizer_config.json", '{"do_lower_case": ', ["not valid JSON"]),
+    ("tokenizer_config.json", '{"do_lower_case": ', ["invalid JSON"]),
 ]
 
 
@@ -342,7 +342,7 @@ def _with(**changes):
 
 
 BAD_RUN_FILES = [  # (file in the run folder, how to spoil it, fragments besides the file's name)
-    ("run.json", "{", ["not valid JSON"]),
+    ("run.json", "{", ["invalid JSON"]),
     ("run.json", b'{"model_dir": "\xff"}', ["not UTF-8"]),
     ("run.json", "[]", ["expected a JSON object"]),
     ("run.json", _without("model_dir"), ["missing key 'model_dir'"]),

@@ -153,7 +153,7 @@ def test_missing_and_unreadable_files(tmp_path):
     with pytest.raises(AdapterError, match=f"{CONFIG_NAME}: no such file"):
         load_adapter(bert(), tmp_path)
     (tmp_path / CONFIG_NAME).write_text("{not json")
-    with pytest.raises(AdapterError, match="not readable JSON"):
+    with pytest.raises(AdapterError, match=f"{CONFIG_NAME}: invalid JSON"):
         read_adapter_config(tmp_path)
     save_adapter(adapted_bert(), tmp_path)
     (tmp_path / WEIGHTS_NAME).unlink()

@@ -6,13 +6,13 @@ bytes that are not UTF-8, text that is not JSON, JSON nested beyond reason, a
 missing key or a value of the wrong type, becomes a ``FileError`` whose message
 starts with the file's path.
 """
-import json
 import math
 from dataclasses import fields
 from pathlib import Path
 
 from ..data import WordPieceTokenizer
 from ..data.datasets import read_utf8
+from ..io.bounds import parse_json_object
 from ..models import BertConfig
 
 __all__ = ["FileError", "read_json", "require", "read_model_config", "read_tokenizer"]
@@ -24,16 +24,7 @@ class FileError(ValueError):
 
 def read_json(path) -> dict:
     """The JSON object in ``path``; FileError naming the file otherwise."""
-    text = read_utf8(path, FileError)
-    try:
-        value = json.loads(text)
-    except ValueError as error:
-        raise FileError(f"{path}: not valid JSON: {error}") from None
-    except RecursionError:
-        raise FileError(f"{path}: JSON nested too deeply") from None
-    if not isinstance(value, dict):
-        raise FileError(f"{path}: expected a JSON object, got {type(value).__name__}")
-    return value
+    return parse_json_object(read_utf8(path, FileError), lambda message: FileError(f"{path}: {message}"))
 
 
 def _is(value, kind) -> bool:

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+from ..io.bounds import parse_json_object
 
 __all__ = ["DatasetError", "UnknownLabelError", "TextClassificationDataset", "ArrayDataset", "load_csv", "load_jsonl",
            "encode_labels", "read_utf8"]
@@ -176,14 +177,7 @@ def load_jsonl(path: str | os.PathLike, text_col: str = "text", label_col: str =
     for line_num, line in enumerate(read_utf8(path).split("\n"), start=1):
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except ValueError as e:
-            raise DatasetError(f"{path}: line {line_num}: invalid JSON: {e}") from None
-        except RecursionError:
-            raise DatasetError(f"{path}: line {line_num}: JSON nested too deeply") from None
-        if not isinstance(record, dict):
-            raise DatasetError(f"{path}: line {line_num}: expected a JSON object, got {type(record).__name__}")
+        record = parse_json_object(line, lambda message: DatasetError(f"{path}: line {line_num}: {message}"))
         missing = [c for c in (text_col, label_col) if c not in record]
         if missing:
             raise DatasetError(f"{path}: line {line_num}: missing key(s) {missing}")

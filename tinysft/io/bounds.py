@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import struct
 from collections.abc import Callable, Iterable, Iterator
 
@@ -66,6 +67,24 @@ def unique_keys_object(pairs: list, error: Callable[[str], Exception]) -> dict:
         seen = set()
         raise error(next(k for k, _ in pairs if k in seen or seen.add(k)))
     return obj
+
+
+def parse_json_object(text: str, error: Callable[[str], Exception], decoder: json.JSONDecoder = None) -> dict:
+    """The JSON object that ``text`` holds, decoded by ``decoder`` (default: plain ``json``); else
+    ``error(message)`` for invalid JSON, nesting too deep for Python's parser, or a value that is
+    not an object. The caller's ``error`` adds where the text came from (file, line, request)."""
+    try:
+        value = (decoder or _PLAIN_JSON).decode(text)
+    except RecursionError:
+        raise error("JSON nested too deeply") from None
+    except ValueError as e:  # json.JSONDecodeError
+        raise error(f"invalid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise error(f"expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+_PLAIN_JSON = json.JSONDecoder()
 
 
 @contextlib.contextmanager

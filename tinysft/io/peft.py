@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from tinysft.io.atomic import atomic_write_text
+from tinysft.io.bounds import parse_json_object
 from tinysft.io.safetensors import SafetensorsError, SafetensorsFile, save_file
 from tinysft.nn.lora import apply_lora, find_targets, lora_layers
 
@@ -109,14 +110,13 @@ def read_adapter_config(folder) -> dict:
     target_modules (a list or a regular expression), use_rslora. Raises AdapterError naming the file."""
     path = Path(folder) / CONFIG_NAME
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise AdapterError(f"{path}: no such file (an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME})") \
             from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise AdapterError(f"{path}: not readable JSON ({error})") from None
-    if not isinstance(config, dict):
-        raise AdapterError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    except (OSError, UnicodeDecodeError) as error:
+        raise AdapterError(f"{path}: not readable as UTF-8 text ({error})") from None
+    config = parse_json_object(text, lambda message: AdapterError(f"{path}: {message}"))
     if config.get("peft_type") != "LORA":
         raise AdapterError(f"{path}: peft_type is {config.get('peft_type')!r}; only 'LORA' adapters load here")
     for field, default in REFUSED.items():
