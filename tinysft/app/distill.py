@@ -103,6 +103,7 @@ def distill_command(teacher_dir, settings, overwrite: bool = False) -> int:
         "sizes": {"train": len(train), "validation": len(val), "test": len(test)},
         "steps": trainer.step, "seconds": round(train_seconds, 1), "test": rows["student"]["metrics"],
         "examples_per_second": round(trainer.step * config.batch_size / train_seconds, 2),
+        "dropout_per_layer": student.bert.encoder.dropout_rates(),
         "distill": {"teacher": str(teacher_dir), "layers": layers, "temperature": settings.temperature,
                     "alpha": settings.alpha, "teacher_test": rows["teacher"]["metrics"]},
     })

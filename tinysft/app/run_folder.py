@@ -23,6 +23,7 @@ from pathlib import Path
 from ..io import atomic_write_text, load_file, save_file
 from ..io.checkpoint import MANIFEST
 from ..models import BertForSequenceClassification, BertModel
+from ..nn.transformer import dropout_schedule
 from .config import ConfigError, build_config, to_toml
 from .files import FileError, read_json, read_model_config, read_tokenizer, require
 from .plots import PLOTS
@@ -111,12 +112,38 @@ def read_run(run_dir):
 
 
 def load_run(run_dir):
-    """(config, run info, model with the run's best weights, tokenizer) from a run folder."""
+    """(config, run info, model with the run's best weights and each encoder layer's dropout rates
+    (``set_layer_dropout``), tokenizer) from a run folder."""
     config, info = read_run(run_dir)
     read_model_config(info["model_dir"])  # a spoilt config.json: one line naming it
     backbone = BertModel.from_pretrained(info["model_dir"])
     model = BertForSequenceClassification(backbone, info["num_labels"], pooling=config.pooling,
                                           dropout=config.dropout)
+    set_layer_dropout(model.bert.encoder, config, info, Path(run_dir))
     model.load_state_dict(load_file(Path(run_dir) / WEIGHTS, mmap=False))
     model.to(config.device)
     return config, info, model.eval(), read_tokenizer(info["model_dir"])
+
+
+def set_layer_dropout(encoder, config, info: dict, run_dir: Path) -> None:
+    """Give each encoder layer the dropout rates the run trained with: run.json's ``dropout_per_layer``
+    (per layer, each of its dropouts by name), else the ``dropout_schedule`` of config.toml (runs that
+    did not record the rates); FileError naming the file if they do not fit the encoder."""
+    recorded = info.get("dropout_per_layer")
+    if recorded is None:
+        try:
+            rates = dropout_schedule(config.dropout_schedule, len(encoder.layer))
+        except ValueError as error:
+            raise FileError(f"{run_dir / CONFIG}: {error} (the model has {len(encoder.layer)} layers)") from None
+        if rates is not None:
+            encoder.set_dropout(rates)
+        return
+    names = sorted(encoder.layer[0].dropouts()) if len(encoder.layer) else []
+    if not isinstance(recorded, list) or len(recorded) != len(encoder.layer) or not all(
+            isinstance(rates, dict) and sorted(rates) == names
+            and all(type(p) in (int, float) and 0 <= p < 1 for p in rates.values()) for rates in recorded):
+        raise FileError(f"{run_dir / INFO}: dropout_per_layer must hold one {{{', '.join(names)}}} object of rates "
+                        f"in [0, 1) per encoder layer ({len(encoder.layer)})")
+    for layer, rates in zip(encoder.layer, recorded):
+        for name, module in layer.dropouts().items():
+            module.p = float(rates[name])

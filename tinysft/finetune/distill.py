@@ -124,7 +124,8 @@ def every_other_layer(num_layers: int) -> list:
 
 def student_from_teacher(teacher, layers=None):
     """A BertForSequenceClassification whose layer j is a copy of the teacher's layer ``layers[j]``
-    (default ``every_other_layer``), with copies of its embeddings and head; in training mode."""
+    (default ``every_other_layer``), its dropout rates included, with copies of its embeddings and
+    head; in training mode."""
     import dataclasses
 
     from ..models.bert import BertForSequenceClassification
@@ -148,4 +149,8 @@ def student_from_teacher(teacher, layers=None):
         if layer in renumber:
             state[renumber[layer] + name[len(layer):]] = value
     student.load_state_dict(state)
+    for new_layer, old in zip(student.bert.encoder.layer, layers):  # each layer keeps its dropout rates
+        rates = teacher.bert.encoder.layer[old].dropouts()
+        for name, module in new_layer.dropouts().items():
+            module.p = rates[name].p
     return student.train()
