@@ -4,7 +4,8 @@ A run of two optimizer steps on 40 WordNet examples writes the whole run folder;
 it back independently: the settings from config.toml, the test loss recomputed from the exported
 model, the PEFT adapters reapplied to a fresh base giving the exported merged weights, the GGUF
 export loading to the same model within Q8_0's error, and ``tinysft chat RUN_DIR`` talking to it.
-Then the other switches (``--full``, ``--packing``, a JSONL file of each format with
+Then the other switches (``--full``, ``--packing``, the strategies of ``prepare`` each with its
+plan printed and its frozen embedding bit-identical in the export, a JSONL file of each format with
 ``--train-on``, ``--show-mask``, ``--overwrite``) and a table of bad settings, each refused in one
 line before any folder exists. (WordNet examples need the WordNet files: skipped without them.)
 """
@@ -137,6 +138,34 @@ def test_full_fine_tuning_and_packing(decoder, tmp_path):
     assert not np.array_equal(base.model.embed_tokens.weight.data, tuned.model.embed_tokens.weight.data)
 
 
+def chats(n):
+    return [{"prompt": f"say {i}", "completion": f"number {i}"} for i in range(n)]
+
+
+@pytest.mark.parametrize("strategy, fragment", [
+    ("layerwise", "layerwise fine-tuning of 26,912 of 26,912 parameters; lr head 0.01, model.layers.1 0.005, "
+                  "model.layers.0 0.0025, model.embed_tokens 0.00125"),
+    ("frozen_embeddings", "frozen_embeddings fine-tuning of 18,592 of 26,912 parameters; lr encoder+head 0.01; "
+                          "frozen: model.embed_tokens (the tied output head with it)"),
+    ("discriminative", "discriminative fine-tuning of 26,912 of 26,912 parameters; per-tensor lr from the Fisher "
+                       "information"),
+])
+def test_the_strategies_of_prepare_train_the_weights_themselves(decoder, tmp_path, strategy, fragment):
+    data, out = tmp_path / "data.jsonl", tmp_path / "run"
+    data.write_text("".join(json.dumps(r) + "\n" for r in chats(10)))
+    code, stdout, err = run_cli(["sft", "--model", str(decoder), "--data", str(data), "--test-fraction", "0.2",
+                                 "--strategy", strategy, "--decay", "0.5", "--lr", "1e-2", "--max-steps", "2",
+                                 "--batch-size", "2", "--max-length", "256", "--no-progress", "--out", str(out)])
+    assert code == 0, err
+    assert fragment in stdout  # 26,912 weights: the tiny decoder's (tests/app/tiny_decoder.py)
+    assert json.loads((out / "run.json").read_text())["steps"] == 2 and not (out / "adapter").exists()
+    base, tuned = load_file(decoder / "model.safetensors"), load_file(out / "model.safetensors")
+    assert base.keys() == tuned.keys()
+    embedding = "model.embed_tokens.weight"
+    assert np.array_equal(base[embedding], tuned[embedding]) == (strategy == "frozen_embeddings")
+    assert all(not np.array_equal(base[n], tuned[n]) for n in base if n != embedding)
+
+
 @pytest.mark.parametrize("rows", [
     [{"prompt": f"say {i}", "completion": f"number {i}"} for i in range(10)],
     [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"hi {i}"},
@@ -180,7 +209,9 @@ def test_a_second_run_into_the_same_folder_needs_overwrite(decoder, tmp_path):
     (["--lora-targets", "q_proj,lm_head"], ["lora_targets = 'q_proj,lm_head'", "q_proj,k_proj"]),
     (["--lora-targets", "q_proj,q_proj"], ["lora_targets"]),
     (["--train-on", "prompts"], ["train_on = 'prompts'", "assistant, completion, all"]),
-    (["--strategy", "layerwise"], ["strategy = 'layerwise'", "lora, full"]),
+    (["--strategy", "encoder_only"], ["strategy = 'encoder_only'", "lora, full, layerwise, frozen_embeddings, "
+                                                                  "discriminative"]),
+    (["--decay", "0"], ["decay = 0.0 (--decay)", "(0, 1]"]),
     (["--max-length", "1"], ["max_length = 1"]),
     (["--lr", "nan"], ["lr = nan (--lr)"]),
     (["--lr=-1e-4"], ["lr = -0.0001"]),

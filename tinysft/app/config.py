@@ -59,6 +59,7 @@ from ..backend import DEVICES
 from ..data.chat import DEFAULT_SYSTEM_PROMPT
 from ..data.datasets import read_utf8
 from ..data.sft import TRAIN_ON
+from ..finetune.causal_lm import DECODER_STRATEGIES
 from ..finetune.strategies import STRATEGIES
 from ..nn import POOLINGS
 from ..nn.lora import LLAMA_TARGETS
@@ -400,7 +401,14 @@ SFT = Settings("sft", [
                                           "one only, or every token", choices=TRAIN_ON),
     Setting("packing", bool, False, "pack several examples into each row of max_length tokens"),
     Setting("max_length", int, 128, "tokens per example (or per packed row); longer ones are cut", minimum=2),
-    Setting("strategy", str, "lora", "train LoRA adapters only, or every weight (--full)", choices=("lora", "full")),
+    Setting("strategy", str, "lora", "what trains: LoRA adapters only; every weight at lr (--full); every weight, "
+                                     "depth d from the top at lr·decay^d (layerwise); all but the token "
+                                     "embedding, and the output head tied to it (frozen_embeddings, finetune's "
+                                     "encoder_only); every tensor at lr scaled by its Fisher information "
+                                     "(discriminative)", choices=tuple(DECODER_STRATEGIES)),
+    dataclasses.replace(FINETUNE["decay"], default=0.9,
+                        help="layerwise: the head (final norm) gets lr, layer i of L lr·decay^(L-i), "
+                             "the embeddings lr·decay^(L+1)"),
     Setting("lora_r", int, 16, "LoRA rank r", minimum=1, maximum=1024),
     Setting("lora_alpha", float, 32.0, "LoRA scale: ΔW = (alpha/r)·B·A", minimum=0, exclusive=True),
     Setting("lora_dropout", float, 0.05, "dropout on the adapters' input", minimum=0, maximum=1, exclusive_max=True),
@@ -415,6 +423,8 @@ SFT = Settings("sft", [
     dataclasses.replace(FINETUNE["batch_size"], default=8),
     FINETUNE["accumulation"], FINETUNE["clip"], FINETUNE["log_every"],
     dataclasses.replace(FINETUNE["seed"], help="seed for the split, shuffling, dropout and the adapters' init"),
+    dataclasses.replace(FINETUNE["device"], help="where the model and batches live (cuda: CuPy, the CUDA "
+                                                 "cross-entropy kernel in the head)"),
     Setting("gguf_dtype", str, "Q8_0", "type of the 2-D weights in the GGUF export", choices=("F16", "Q8_0")),
     dataclasses.replace(FINETUNE["out"], default="runs/sft",
                         help="run folder: config, metrics, plots, adapters, the merged model (HF and GGUF)"),

@@ -1,7 +1,8 @@
 """``tinysft sft``: instruction-tune a causal decoder, test it before and after, export the tuned model.
 
 By default: SmolLM2-135M-Instruct with LoRA adapters (r = 16, α = 32, on all seven projections of
-every layer) on the built-in WordNet questions (a noun's category, a word's meaning; split by
+every layer; ``--strategy`` full, layerwise, frozen_embeddings or discriminative train the weights
+themselves, see ``tinysft.finetune.causal_lm.DECODER_STRATEGIES``) on the built-in WordNet questions (a noun's category, a word's meaning; split by
 synset, no lemma shared), sized for about ten minutes on two CPU cores. Before and after
 training the test split is evaluated: the held-out loss per supervised token, and the
 exact-match accuracy of greedy answers to the category questions (for a JSONL file: to every
@@ -39,14 +40,15 @@ from .. import rng
 from ..data.bpe import BPETokenizer
 from ..data.loader import DataLoader
 from ..data.sft import encode_examples, pack_examples, read_sft_jsonl, render_mask, sft_collate, wordnet_sft_splits
-from ..finetune import Trainer
+from ..finetune import Trainer, prepare
 from ..finetune.callbacks import ProgressBar
-from ..finetune.causal_lm import causal_lm_loss_sum, count_supervised, evaluate_sft, exact_match
+from ..finetune.causal_lm import (DECODER_STRATEGIES, causal_lm_loss_sum, count_supervised, decoder_strategy_options,
+                                  evaluate_sft, exact_match)
 from ..io.atomic import atomic_write_text
 from ..io.peft import save_adapter
 from ..models.export import export_gguf, save_pretrained, tokenizer_metadata
 from ..nn.lora import apply_lora, merge_and_unload
-from ..optim import AdamW, param_groups_with_decay, schedule_by_name
+from ..optim import NO_DECAY, AdamW, param_groups_with_decay, schedule_by_name
 from .config import ConfigError, to_toml
 from .generate import decoder_paths, load_decoder
 from .output import say
@@ -101,7 +103,7 @@ def _sft(config, show_mask: bool, overwrite: bool) -> int:
     before = evaluate(model, tokenizer, evaluated, config)
     say(f"before: {format_figures(before)}")
 
-    plan = prepare_model(model, config)
+    param_groups, plan = prepare_model(model, config, loader)
     say(f"model: {model_path} — {plan}; {'packed rows' if config.packing else 'examples'} of at most "
         f"{config.max_length} tokens, {config.batch_size} per step")
     if dist.is_main():
@@ -110,7 +112,7 @@ def _sft(config, show_mask: bool, overwrite: bool) -> int:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / CONFIG, to_toml(config.to_dict()))
     dist.barrier("the run folder's creation")
-    trainer, progress = build_trainer(model, config, loader, out)
+    trainer, progress = build_trainer(model, param_groups, config, loader, out)
     train_started = time.perf_counter()
     trainer.fit()
     train_seconds = time.perf_counter() - train_started
@@ -211,15 +213,44 @@ def format_figures(figures: dict) -> str:
             f"of {figures['answered']} answers")
 
 
-def prepare_model(model, config) -> str:
-    """Make the parameters to train trainable (the adapters, or everything); say what was done."""
-    if config.strategy == "full":
-        model.requires_grad_(True)
-        return f"full fine-tuning of {model.num_parameters():,} parameters"
-    summary = apply_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout,
-                         config.lora_targets.split(","), rslora=config.rslora)
-    return (f"LoRA r={config.lora_r}, alpha={config.lora_alpha:g} on {len(summary.targets)} projections: "
-            f"{summary.trainable:,} of {summary.total:,} parameters train")
+def prepare_model(model, config, loader) -> tuple:
+    """(AdamW's parameter groups, what was done in words): the adapters of LoRA, or the plan of
+    ``prepare`` for the other strategies (``loader``: the batches of discriminative's Fisher
+    information). No weight decay on the norms."""
+    if config.strategy == "lora":
+        summary = apply_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout,
+                             config.lora_targets.split(","), rslora=config.rslora)
+        return (param_groups_with_decay(model.named_parameters(), config.weight_decay),
+                f"LoRA r={config.lora_r}, alpha={config.lora_alpha:g} on {len(summary.targets)} projections: "
+                f"{summary.trainable:,} of {summary.total:,} parameters train")
+    strategy = DECODER_STRATEGIES[config.strategy]
+    plan = prepare(model, strategy, config.lr, weight_decay=config.weight_decay, no_decay=NO_DECAY,
+                   **decoder_strategy_options(strategy, loader, config.decay))
+    return plan.param_groups, describe_plan(config.strategy, plan, model)
+
+
+def describe_plan(strategy: str, plan, model, shown: int = 4) -> str:
+    """``strategy``'s plan in words: the parameters trained, every group's lr (a group split for
+    weight decay counted once; past ``shown`` groups the first few and the last), what is frozen."""
+    trained = sum(p.size for g in plan.param_groups for p in g["params"])
+    if strategy == "full":
+        return f"full fine-tuning of {trained:,} parameters at lr {plan.param_groups[0]['lr']:.3g}"
+    rates = {}
+    for group in plan.param_groups:
+        rates.setdefault(group["name"].removesuffix(".no_decay"), group["lr"])
+    if strategy == "discriminative":
+        rates_text = (f"per-tensor lr from the Fisher information, {min(rates.values()):.3g} to "
+                      f"{max(rates.values()):.3g} over {len(rates)} tensors")
+    else:
+        named = [f"{name} {lr:.3g}" for name, lr in rates.items()]
+        if len(named) > shown + 1:
+            named = named[:shown] + [f"... ({len(named) - shown - 1} more)", named[-1]]
+        rates_text = "lr " + ", ".join(named)
+    frozen_names = set(plan.frozen)
+    frozen = [group for group, members in plan.layers if any(name in frozen_names for name, _ in members)]
+    tied = " (the tied output head with it)" if model.lm_head is None and "model.embed_tokens" in frozen else ""
+    return (f"{strategy} fine-tuning of {trained:,} of {model.num_parameters():,} parameters; {rates_text}"
+            + (f"; frozen: {', '.join(frozen)}{tied}" if frozen else ""))
 
 
 class TokenProgress:
@@ -244,10 +275,10 @@ class TokenProgress:
         self.bar.close()
 
 
-def build_trainer(model, config, loader, out: Path):
-    """AdamW on the trainable parameters (no decay on norms), the config's schedule, the causal-LM
-    loss normalised by the supervised tokens of each whole step."""
-    optimizer = AdamW(param_groups_with_decay(model.named_parameters(), config.weight_decay), lr=config.lr)
+def build_trainer(model, param_groups, config, loader, out: Path):
+    """AdamW on ``param_groups``, the config's schedule, the causal-LM loss normalised by the
+    supervised tokens of each whole step."""
+    optimizer = AdamW(param_groups, lr=config.lr)
     progress = TokenProgress(config.progress and sys.stderr.isatty())
 
     def schedule(opt, total_steps):

@@ -23,6 +23,12 @@ k micro-batches gives the gradient of one batch k times the size, whatever their
 
     >>> trainer = Trainer(model, optimizer, loader, loss_fn=causal_lm_loss_sum, count_fn=count_supervised,
     ...                   evaluate_fn=lambda m: {"loss": evaluate_sft(m, test_batches)})   # doctest: +SKIP
+
+What trains (``DECODER_STRATEGIES``, the choices of ``tinysft sft --strategy``): LoRA adapters
+(``tinysft.nn.lora``), or one of ``strategies.prepare``'s strategies over the decoder's layer
+groups (``LlamaForCausalLM.layer_groups``), named as there where the meaning is the same;
+``frozen_embeddings`` is ``encoder_only`` under a name that fits a model without an encoder.
+``decoder_strategy_options`` gives ``discriminative`` the Fisher information of this loss.
 """
 import re
 
@@ -32,11 +38,15 @@ from .. import functional as F
 from ..data.sft import IGNORE
 from ..tensor import Tensor, no_grad
 
-__all__ = ["MODEL_INPUTS", "shifted_targets", "causal_lm_loss_sum", "count_supervised", "evaluate_sft",
+__all__ = ["DECODER_STRATEGIES", "decoder_strategy_options", "MODEL_INPUTS", "shifted_targets", "causal_lm_loss_sum", "count_supervised", "evaluate_sft",
            "exact_match", "normalise_answer"]
 
 # the batch entries passed to the model (``LlamaForCausalLM.hidden_states``); labels are not
 MODEL_INPUTS = ("attention_mask", "position_ids", "segment_ids")
+
+# a decoder's strategy -> the name ``strategies.prepare`` knows it by (None: LoRA adapters, not prepare's)
+DECODER_STRATEGIES = {"lora": None, "full": "full", "layerwise": "layerwise", "frozen_embeddings": "encoder_only",
+                      "discriminative": "discriminative"}
 
 
 def _array(value):
@@ -80,6 +90,18 @@ def causal_lm_loss_sum(model, batch, chunk_size: int = None) -> Tensor:
     hidden = model.hidden_states(_array(batch["input_ids"]), **inputs)  # (B, T, D)
     return F.linear_cross_entropy(hidden, model.output_weight, shifted_targets(batch), ignore_index=IGNORE,
                                   reduction="sum", chunk_size=chunk_size)
+
+
+def decoder_strategy_options(strategy: str, loader, decay: float = 0.9, fisher_batches: int = 8) -> dict:
+    """The options of ``prepare`` for a decoder's ``strategy``: ``decay`` for layerwise; for
+    discriminative, the Fisher information of the causal-LM loss on the first ``fisher_batches``
+    batches of ``loader``, each batch's loss the mean over its supervised next tokens."""
+    if strategy == "layerwise":
+        return {"decay": decay}
+    if strategy == "discriminative":
+        return {"fisher_loader": loader, "fisher_batches": fisher_batches, "loss_fn": causal_lm_loss_sum,
+                "count_fn": count_supervised}
+    return {}
 
 
 def evaluate_sft(model, batches) -> float:

@@ -9,8 +9,12 @@ Layers. A model is cut into layer groups, bottom to top: the embeddings, one
 group per transformer block, and ``head``, which holds everything else (the
 pooler, if used, and the task classifier). For tinysft's BERT the groups are
 those of ``tinysft.models.bert.layer_groups``: ``bert.embeddings``,
-``bert.encoder.layer.0`` ... ``bert.encoder.layer.{L-1}``, ``head``. For other
-models names are read: a parameter with a name component starting with
+``bert.encoder.layer.0`` ... ``bert.encoder.layer.{L-1}``, ``head``. A model with a
+``layer_groups()`` method gives its own: tinysft's Llama decoder
+(``LlamaForCausalLM.layer_groups``) has ``model.embed_tokens``, ``model.layers.0`` ...
+``model.layers.{L-1}`` and ``head`` (the final norm, and ``lm_head`` when it is not tied).
+A *tied* output head (SmolLM2's) is the embedding matrix itself: one Parameter, listed once,
+in the embeddings group. For other models names are read: a parameter with a name component starting with
 ``embed`` is in ``embeddings``, one under ``layer.{i}`` / ``layers.{i}`` /
 ``h.{i}`` / ``blocks.{i}`` is in ``layer.{i}``, the rest is ``head``. The
 *depth* of a group counts from the top: head 0, top block 1, ..., embeddings
@@ -25,18 +29,22 @@ encoder_only
     The embeddings (word, position, token-type embeddings and their LayerNorm)
     are frozen: ``requires_grad = False``, so they get no gradient and stay
     bit-identical. The encoder blocks, the pooler and the new task head are
-    trained at ``lr``; one group named ``encoder+head``.
+    trained at ``lr``; one group named ``encoder+head``. On a decoder it freezes
+    the token embedding; with a tied head that is the output head as well, so of
+    ``head`` only the final norm trains.
 layerwise
     Layer-wise learning-rate decay: the group at depth d gets
     ``lr · decay**d`` (head ``lr``, top block ``lr·decay``, ..., embeddings
-    ``lr·decay**(L+1)``), one group per layer, named as above. With
+    ``lr·decay**(L+1)``), one group per layer, named as above (a tied output
+    head learns at the embeddings' rate, the lowest). With
     ``gradual_unfreeze=True`` only the head is trainable in epoch 0 and one more
     group, from the top down, is unfrozen every ``unfreeze_every`` epochs
     (ULMFiT); the Trainer calls ``plan.on_epoch_start(epoch)``.
 discriminative
     Per-tensor learning rates from the diagonal empirical Fisher information on
     task batches. With L_b the mean loss of batch b (model in eval mode, so no
-    dropout) and B batches::
+    dropout; the mean over the batch's ``count_fn`` positions, e.g. the
+    supervised next tokens of a causal LM) and B batches::
 
         F_j   = (1/B) Σ_b (∂L_b/∂θ_j)²                  for every scalar weight j
         I_t   = mean of F_j over the weights j of tensor t
@@ -174,7 +182,7 @@ def prepare(model, strategy: str = "full", lr: float = 2e-5, *, weight_decay: fl
     layerwise: ``decay``, ``gradual_unfreeze``, ``unfreeze_every``.
     discriminative: ``fisher_loader`` (task batches), ``fisher_batches`` (default: all),
     ``min_scale``, ``normalize`` ("max" or "mean"), ``loss_fn(model, batch) -> summed loss``,
-    ``ignore_index``.
+    ``count_fn(batch) -> the positions that loss sums over``, ``ignore_index``.
     feature_extraction: ``head`` (the module trained on features) and ``backbone``
     (``backbone(batch inputs) -> features``); found on the model when omitted.
     """
@@ -236,12 +244,12 @@ def _layerwise(model, layers, lr, decay: float = 0.9, gradual_unfreeze: bool = F
 
 def _discriminative(model, layers, lr, fisher_loader=None, fisher_batches: int | None = None,
                     min_scale: float = 0.1, normalize: str = "max", loss_fn: Callable | None = None,
-                    ignore_index: int = -100) -> FinetunePlan:
+                    count_fn: Callable | None = None, ignore_index: int = -100) -> FinetunePlan:
     """One group per tensor at ``lr · s_t``, s_t from the diagonal Fisher information."""
     if fisher_loader is None:
         raise ValueError("discriminative: pass fisher_loader=, the task batches that estimate the Fisher information")
     fisher = fisher_diagonal(model, fisher_loader, num_batches=fisher_batches, loss_fn=loss_fn,
-                             ignore_index=ignore_index)
+                             count_fn=count_fn, ignore_index=ignore_index)
     scales = discriminative_scales(fisher, min_scale=min_scale, normalize=normalize)
     groups = [_group(n, [p], lr * scales[n]) for n, p in _all_params(layers)]
     return FinetunePlan("discriminative", model, groups, layers, scales=scales)
@@ -319,16 +327,19 @@ class GradualUnfreezer:
 
 # ----------------------------------------------------------------------------- Fisher information
 
-def fisher_diagonal(model, loader, num_batches: int | None = None, loss_fn=None, ignore_index: int = -100) -> dict:
+def fisher_diagonal(model, loader, num_batches: int | None = None, loss_fn=None, ignore_index: int = -100,
+                    count_fn=None) -> dict:
     """``{name: F}``, F = mean over batches of the squared gradient of the batch's mean loss.
 
     Runs in eval mode (no dropout) over the trainable parameters; gradients are
     cleared before and after, and the model's mode and the loader's position
     (``state_dict``) are restored, so the training loader can be passed. ``loss_fn(model,
     batch)`` returns the loss *summed* over the batch's labelled positions
-    (default: cross-entropy); it is divided by their count.
+    (default: cross-entropy); it is divided by their count, ``count_fn(batch)`` (default: the
+    labels other than ``ignore_index``; for a causal LM, ``causal_lm.count_supervised``).
     """
     loss_fn = loss_fn or (lambda m, b: cross_entropy_sum(m, b, ignore_index=ignore_index))
+    count_fn = count_fn or (lambda b: count_examples(b, ignore_index))
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     was_training = getattr(model, "training", True)
     model.eval()
@@ -341,7 +352,7 @@ def fisher_diagonal(model, loader, num_batches: int | None = None, loss_fn=None,
                 break
             for _, p in named:
                 p.grad = None
-            count = count_examples(batch, ignore_index)
+            count = count_fn(batch)
             if count == 0:
                 continue
             (loss_fn(model, batch) * (1.0 / count)).backward()

@@ -231,6 +231,26 @@ class LlamaForCausalLM(Module):
         logits = F.linear(hidden, self.output_weight)  # (B, T or k, V)
         return (logits, states) if output_hidden_states else logits
 
+    def layer_groups(self) -> list:
+        """Parameters bottom to top for the fine-tuning strategies (``tinysft.finetune.prepare``):
+        ``[("model.embed_tokens", [(name, p)]), ("model.layers.0", [...]), ..., ("head", [...])]``.
+
+        "head" holds the rest: the final ``model.norm`` and, when the head is not tied, ``lm_head``.
+        A tied head is the embedding matrix itself, one Parameter listed once, in
+        ``model.embed_tokens``: layer-wise decay gives it the embeddings' rate (the lowest), and
+        freezing the embeddings freezes the output head too, leaving the final norm alone in "head".
+        Adapter weights (LoRA) go with the layer that holds them.
+        """
+        groups = {"model.embed_tokens": [], **{f"model.layers.{i}": [] for i in range(len(self.model.layers))},
+                  "head": []}
+        for name, p in self.named_parameters():
+            parts = name.split(".")
+            if parts[:2] == ["model", "layers"]:
+                groups[".".join(parts[:3])].append((name, p))
+            else:
+                groups["model.embed_tokens" if parts[:2] == ["model", "embed_tokens"] else "head"].append((name, p))
+        return [(g, members) for g, members in groups.items() if members]
+
     # ----- loading and saving -----
     @classmethod
     def from_pretrained(cls, path=None) -> "LlamaForCausalLM":
