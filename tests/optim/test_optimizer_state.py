@@ -1,5 +1,6 @@
 """The Optimizer base: groups, zero_grad, skipped parameters, state_dict round trips."""
 import pickle
+import threading
 
 import numpy as np
 import pytest
@@ -189,11 +190,14 @@ def test_state_moves_to_the_parameters_device(device):
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS)
-def test_piecewise_update_is_bit_identical_to_whole_arrays(name, monkeypatch):
-    """Large parameters are updated in cache-sized pieces; the pieces must not change a bit.
+@pytest.mark.parametrize("workers", [1, 3])
+def test_piecewise_update_is_bit_identical_to_whole_arrays(name, workers, monkeypatch):
+    """Large parameters are updated in cache-sized pieces, shared out over threads; neither the
+    pieces nor the threads may change a bit.
 
     Also covers a non-contiguous parameter (a transposed view), which is updated whole.
     """
+    from tinysft import threads
     from tinysft.optim import optimizer
     rng = np.random.default_rng(3)
     shapes = [(7, 3), (11,), (2, 5)]
@@ -205,10 +209,24 @@ def test_piecewise_update_is_bit_identical_to_whole_arrays(name, monkeypatch):
         return params
 
     whole = fresh()
-    run(OPTIMIZERS[name], whole, grads)
+    run(OPTIMIZERS[name], whole, grads)  # small arrays: one piece each, on this thread
     monkeypatch.setattr(optimizer, "CHUNK", 4)
-    pieces = fresh()
-    assert not pieces[2].data.flags.c_contiguous
-    run(OPTIMIZERS[name], pieces, grads)
+    monkeypatch.setattr(threads, "MIN_PARALLEL", 1)
+    seen = set()  # the threads that ran pieces
+    split = optimizer.Optimizer._foreach_piece
+
+    def watched(self, update, *arrays, **kwargs):
+        split(self, lambda *pieces: seen.add(threading.get_ident()) or update(*pieces), *arrays, **kwargs)
+
+    monkeypatch.setattr(optimizer.Optimizer, "_foreach_piece", watched)
+    before = threads.num_threads()
+    threads.set_num_threads(workers)
+    try:
+        pieces = fresh()
+        assert not pieces[2].data.flags.c_contiguous
+        run(OPTIMIZERS[name], pieces, grads)
+    finally:
+        threads.set_num_threads(before)
+    assert (len(seen) > 1) == (workers > 1)  # blocks after the first go to the pool's threads
     for p, q in zip(whole, pieces):
         np.testing.assert_array_equal(p.data, q.data)

@@ -42,29 +42,33 @@ class Adam(Optimizer):
                 state["max_exp_avg_sq"] = p.xp.zeros_like(p.data)
         state["step"] += 1
         t = state["step"]
-        step_size, bc2_sqrt = lr / (1 - beta1 ** t), math.sqrt(1 - beta2 ** t)
-        xp = p.xp
-        for theta, g, m, v, v_max in self._chunks(p.data, grad, state["exp_avg"], state["exp_avg_sq"],
-                                                  state.get("max_exp_avg_sq") if amsgrad else None):
-            work = self._scratch(theta, slot=1)
+        # m/(√v/b + ε) = b·m/(√v + ε·b), b = √(1 − β₂ᵗ): the bias correction costs no pass.
+        # Scalars of the parameter's dtype: NumPy takes them in half the time of Python floats,
+        # which matters at ~13 calls per piece.
+        bc2_sqrt = math.sqrt(1 - beta2 ** t)
+        c = p.data.dtype.type
+        b1, b1c, b2, b2c = c(beta1), c(1 - beta1), c(beta2), c(1 - beta2)
+        shrink, l2, eps_b, step = c(1 - lr * wd), c(wd), c(eps * bc2_sqrt), c(lr / (1 - beta1 ** t) * bc2_sqrt)
+        mul, add, xp = p.xp.multiply, p.xp.add, p.xp
+
+        def piece(theta, g, m, v, v_max, work, l2_grad):
             if wd and decoupled:
-                theta *= 1 - lr * wd                                        # θ ← θ − γλθ
+                mul(theta, shrink, out=theta)                   # θ ← θ − γλθ
             elif wd:
-                g = xp.add(g, xp.multiply(theta, wd, out=work), out=self._scratch(theta))  # g + λθ
-            m *= beta1
-            m += xp.multiply(g, 1 - beta1, out=work)                        # m ← β₁m + (1 − β₁)g
-            v *= beta2
-            work = xp.multiply(g, g, out=work)
-            work *= 1 - beta2
-            v += work                                                       # v ← β₂v + (1 − β₂)g²
+                g = add(g, mul(theta, l2, out=l2_grad), out=l2_grad)  # g ← g + λθ
+            mul(m, b1, out=m)
+            add(m, mul(g, b1c, out=work), out=m)                # m ← β₁m + (1 − β₁)g
+            mul(v, b2, out=v)
+            mul(g, g, out=work)
+            add(v, mul(work, b2c, out=work), out=v)             # v ← β₂v + (1 − β₂)g²
             if amsgrad:
-                v = xp.maximum(v_max, v, out=v_max)
-            # m/(√v/b + ε) = b·m/(√v + ε·b), b = √(1 − β₂ᵗ): the bias correction costs no pass
-            denom = xp.sqrt(v, out=work)
-            denom += eps * bc2_sqrt
-            update = xp.divide(m, denom, out=work)
-            update *= step_size * bc2_sqrt
-            theta -= update
+                v = xp.maximum(v_max, v, out=v_max)             # v stands for v̂max from here
+            add(xp.sqrt(v, out=work), eps_b, out=work)          # √v + ε·b
+            xp.divide(m, work, out=work)
+            theta -= mul(work, step, out=work)                  # θ ← θ − γ/(1 − β₁ᵗ) · b·m/(√v + ε·b)
+
+        self._foreach_piece(piece, p.data, grad, state["exp_avg"], state["exp_avg_sq"],
+                            state.get("max_exp_avg_sq") if amsgrad else None)
 
 
 class AdamW(Adam):

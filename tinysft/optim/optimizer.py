@@ -10,8 +10,10 @@ Parameters are duck-typed: anything with ``.data`` (a NumPy or CuPy array),
 ``.grad`` (an array of the same shape, or ``None``) and ``.xp`` works.
 """
 import copy
+import threading
 
 from ..backend import device_of, to_device
+from ..threads import map_rows
 from .regularization import init_penalty
 
 CHUNK = 1 << 17
@@ -56,7 +58,7 @@ class Optimizer:
         self.defaults = dict(defaults)
         self.param_groups = []
         self.state = ParamState()
-        self._scratch_buffers = {}
+        self._buffers = threading.local()  # each thread's scratch arrays, freed with the thread
         groups = list(params)
         if not groups:
             raise ValueError("optimizer got an empty parameter list")
@@ -118,25 +120,38 @@ class Optimizer:
     def _update(self, p, grad, state, group):
         raise NotImplementedError
 
-    def _chunks(self, *arrays):
-        """Matching flat pieces of ``arrays`` (``None`` entries stay ``None``), to update piece by piece.
+    def _foreach_piece(self, update, *arrays, work=2):
+        """``update(*pieces, *buffers)`` over matching flat pieces of ``arrays``, in place.
+
+        ``None`` entries stay ``None``; ``buffers`` are ``work`` scratch arrays shaped like
+        the pieces. On the CPU the arrays are cut into ``CHUNK``-element pieces, so that a
+        piece of every array stays in cache through all the passes of an update, and the
+        pieces are shared out over the cores in contiguous blocks (``threads.map_rows``:
+        NumPy's ufuncs release the GIL). Each thread has its own buffers. The update is
+        elementwise, so neither the pieces nor the blocks change a bit of the result.
 
         Whole arrays on a GPU (one kernel per op is best there) or when any is not contiguous.
         """
         present = [a for a in arrays if a is not None]
         if device_of(present[0]) == "cuda" or not all(a.flags.c_contiguous for a in present):
-            yield arrays
+            update(*arrays, *(self._scratch(present[0], slot) for slot in range(work)))
             return
         flats = [None if a is None else a.reshape(-1) for a in arrays]
-        for i in range(0, present[0].size, CHUNK):
-            yield tuple(None if f is None else f[i:i + CHUNK] for f in flats)
+
+        def block(start, stop):
+            buffers = [self._scratch(flats[0][:CHUNK], slot) for slot in range(work)]
+            for i in range(start, stop, CHUNK):
+                j = min(i + CHUNK, stop)
+                update(*(None if f is None else f[i:j] for f in flats), *(b[:j - i] for b in buffers))
+
+        map_rows(block, present[0].size)
 
     def _scratch(self, like, slot=0):
-        """A reusable work array shaped like ``like`` (no fresh allocation per step)."""
-        key = (like.__class__, like.dtype.str, slot)
-        buf = self._scratch_buffers.get(key)
+        """A reusable work array shaped like ``like`` (no fresh allocation per step), one per thread."""
+        buffers, key = vars(self._buffers), (like.__class__, like.dtype.str, slot)
+        buf = buffers.get(key)
         if buf is None or buf.size < like.size:
-            buf = self._scratch_buffers[key] = like.ravel().copy()
+            buf = buffers[key] = like.ravel().copy()
         return buf[:like.size].reshape(like.shape)
 
     # ------------------------------------------------------------ checkpoints

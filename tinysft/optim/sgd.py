@@ -27,23 +27,19 @@ class SGD(Optimizer):
         first = mu and "momentum_buffer" not in state
         if first:
             state["momentum_buffer"] = p.xp.empty_like(p.data)
-        for theta, g, buf in self._chunks(p.data, grad, state["momentum_buffer"] if mu else None):
-            d = self._scratch(g)
-            if wd:
-                p.xp.multiply(theta, wd, out=d)
-                d += g                                  # d = g + λθ
-            else:
-                d[...] = g
+        c = p.data.dtype.type  # scalars of the parameter's dtype (see Adam)
+        rate, l2, mom, damp = c(lr), c(wd), c(mu), c(1 - tau)
+        mul, add = p.xp.multiply, p.xp.add
+
+        def piece(theta, g, buf, l2_grad, work):
+            d = add(mul(theta, l2, out=l2_grad), g, out=l2_grad) if wd else g  # d = g + λθ
             if mu:
                 if first:
-                    buf[...] = d                        # b = g at t = 1
+                    buf[...] = d                                # b = g at t = 1
                 else:
-                    buf *= mu
-                    if tau:
-                        d *= 1 - tau                    # d is not needed undamped: nesterov forbids τ ≠ 0
-                    buf += d                            # b = μb + (1 − τ)g
-                if group["nesterov"]:
-                    d += p.xp.multiply(buf, mu, out=self._scratch(g, slot=1))
-                else:
-                    d = buf
-            theta -= p.xp.multiply(d, lr, out=self._scratch(g))
+                    mul(buf, mom, out=buf)
+                    add(buf, mul(d, damp, out=work) if tau else d, out=buf)  # b = μb + (1 − τ)g
+                d = add(d, mul(buf, mom, out=work), out=work) if group["nesterov"] else buf
+            theta -= mul(d, rate, out=work)
+
+        self._foreach_piece(piece, p.data, grad, state["momentum_buffer"] if mu else None)
