@@ -19,6 +19,7 @@ from tinysft.app.cli import _parser
 from tinysft.app.config import SFT
 from tinysft.app.generate import load_decoder
 from tinysft.app.sft import evaluate, load_examples
+from tinysft.backend import cuda_available
 from tinysft.io.peft import load_adapter
 from tinysft.io.safetensors import load_file
 from tinysft.models.llama import LlamaForCausalLM
@@ -164,6 +165,40 @@ def test_the_strategies_of_prepare_train_the_weights_themselves(decoder, tmp_pat
     embedding = "model.embed_tokens.weight"
     assert np.array_equal(base[embedding], tuned[embedding]) == (strategy == "frozen_embeddings")
     assert all(not np.array_equal(base[n], tuned[n]) for n in base if n != embedding)
+
+
+@pytest.mark.skipif(cuda_available(), reason="CuPy and a GPU are here: the refusal needs a machine without them")
+def test_device_cuda_without_a_gpu_is_refused_before_anything_is_loaded(tmp_path):
+    out = tmp_path / "run"
+    assert_user_error(run_cli(["sft", "--device", "cuda", "--model", "/nonexistent/model", "--out", str(out)]),
+                      "device 'cuda' requested, but no CUDA GPU is usable", "tinysft[cuda]", "device='cpu'")
+    assert not out.exists()
+
+
+@pytest.mark.skipif(not cuda_available(), reason="no CUDA GPU (CuPy missing or no device)")
+@pytest.mark.parametrize("strategy", ["lora", "full"])
+def test_a_run_on_the_gpu_gives_the_figures_of_the_cpu_run(decoder, tmp_path, strategy):
+    """No dropout, so the two runs differ by float32 rounding alone; the GPU run's export, read on
+    the host, gives its after figures."""
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in chats(10)))
+    infos = {}
+    for device in ("cpu", "cuda"):
+        out = tmp_path / device
+        code, stdout, err = run_cli(["sft", "--model", str(decoder), "--data", str(data), "--test-fraction", "0.2",
+                                     "--strategy", strategy, "--lora-dropout", "0", "--lr", "1e-2", "--max-steps",
+                                     "2", "--batch-size", "2", "--max-length", "256", "--no-progress",
+                                     "--device", device, "--out", str(out)])
+        assert code == 0, err
+        assert f"device {device}" in stdout
+        infos[device] = json.loads((out / "run.json").read_text())
+    for when in ("before", "after"):
+        assert abs(infos["cuda"][when]["loss"] - infos["cpu"][when]["loss"]) <= 1e-3, when
+    assert infos["cuda"]["after"]["loss"] != infos["cuda"]["before"]["loss"]  # it trained
+    config = SFT.build(tmp_path / "cuda" / "config.toml")
+    model, tokenizer = load_decoder(str(tmp_path / "cuda"))  # on the host
+    again = evaluate(model, tokenizer, load_examples(config)[1], config)
+    assert abs(again["loss"] - infos["cuda"]["after"]["loss"]) <= 2e-4
 
 
 @pytest.mark.parametrize("rows", [

@@ -2,9 +2,10 @@
 
 By default: SmolLM2-135M-Instruct with LoRA adapters (r = 16, α = 32, on all seven projections of
 every layer; ``--strategy`` full, layerwise, frozen_embeddings or discriminative train the weights
-themselves, see ``tinysft.finetune.causal_lm.DECODER_STRATEGIES``) on the built-in WordNet questions (a noun's category, a word's meaning; split by
-synset, no lemma shared), sized for about ten minutes on two CPU cores. Before and after
-training the test split is evaluated: the held-out loss per supervised token, and the
+themselves, see ``tinysft.finetune.causal_lm.DECODER_STRATEGIES``) on the built-in WordNet
+questions (a noun's category, a word's meaning; split by synset, no lemma shared), sized for
+about ten minutes on two CPU cores (``--device cuda``: on a GPU). Before and after training the
+test split is evaluated: the held-out loss per supervised token, and the
 exact-match accuracy of greedy answers to the category questions (for a JSONL file: to every
 test example, against its last reply).
 
@@ -37,6 +38,7 @@ import numpy as np
 
 from .. import distributed as dist
 from .. import rng
+from ..backend import xp_for
 from ..data.bpe import BPETokenizer
 from ..data.loader import DataLoader
 from ..data.sft import encode_examples, pack_examples, read_sft_jsonl, render_mask, sft_collate, wordnet_sft_splits
@@ -81,6 +83,7 @@ def sft(config, show_mask: bool = False, overwrite: bool = False) -> int:
 
 def _sft(config, show_mask: bool, overwrite: bool) -> int:
     started = time.perf_counter()
+    xp_for(config.device)  # a DeviceError (no CuPy, or no GPU) before anything is loaded or made
     out = Path(config.out)
     present = [name for name in run_files(config) if (out / name).exists()]
     if present and not show_mask and not overwrite:
@@ -92,6 +95,7 @@ def _sft(config, show_mask: bool, overwrite: bool) -> int:
     if show_mask:
         return print_masks(BPETokenizer.from_gguf(tokenizer_path), train_examples, config)
     model, tokenizer = load_decoder(config.model, config.tokenizer)
+    model.to(config.device)  # each batch follows it in the loss (causal_lm_loss_sum)
     train, counts = encode_train(tokenizer, train_examples, config)
     say(f"data: {config.data} — train {len(train)} examples ({counts['truncated']} cut to {config.max_length} "
         f"tokens, {counts['dropped']} without a supervised token left out), test {len(test_examples)}")
@@ -105,7 +109,7 @@ def _sft(config, show_mask: bool, overwrite: bool) -> int:
 
     param_groups, plan = prepare_model(model, config, loader)
     say(f"model: {model_path} — {plan}; {'packed rows' if config.packing else 'examples'} of at most "
-        f"{config.max_length} tokens, {config.batch_size} per step")
+        f"{config.max_length} tokens, {config.batch_size} per step, device {config.device}")
     if dist.is_main():
         for name in present:  # --overwrite: the old run goes only once the new one has loaded
             remove(out / name)
@@ -123,6 +127,7 @@ def _sft(config, show_mask: bool, overwrite: bool) -> int:
     say(f"after:  {format_figures(after)}")
     if not dist.is_main():
         return 0
+    model.to("cpu")  # the files are written from the host's copy
     export_model(model, config, out, model_path, tokenizer_path)
     seconds = time.perf_counter() - started
     atomic_write_text(out / INFO, json.dumps({

@@ -35,11 +35,12 @@ import re
 import numpy as np
 
 from .. import functional as F
+from ..backend import to_device
 from ..data.sft import IGNORE
 from ..tensor import Tensor, no_grad
 
-__all__ = ["DECODER_STRATEGIES", "decoder_strategy_options", "MODEL_INPUTS", "shifted_targets", "causal_lm_loss_sum", "count_supervised", "evaluate_sft",
-           "exact_match", "normalise_answer"]
+__all__ = ["DECODER_STRATEGIES", "decoder_strategy_options", "MODEL_INPUTS", "shifted_targets",
+           "causal_lm_loss_sum", "count_supervised", "evaluate_sft", "exact_match", "normalise_answer"]
 
 # the batch entries passed to the model (``LlamaForCausalLM.hidden_states``); labels are not
 MODEL_INPUTS = ("attention_mask", "position_ids", "segment_ids")
@@ -85,11 +86,15 @@ def causal_lm_loss_sum(model, batch, chunk_size: int = None) -> Tensor:
 
     ``model``: a ``LlamaForCausalLM`` (or anything with ``hidden_states`` and ``output_weight``);
     ``chunk_size``: rows of the head per chunk (``F.linear_cross_entropy``'s default when None).
+    The batch may come from the host: the token ids and targets are moved to the model's
+    device (on a GPU the head's cross-entropy is then the CUDA kernel); the model reads the
+    masks and positions on the host.
     """
+    device = model.output_weight.device
     inputs = {key: _array(batch[key]) for key in MODEL_INPUTS if batch.get(key) is not None}
-    hidden = model.hidden_states(_array(batch["input_ids"]), **inputs)  # (B, T, D)
-    return F.linear_cross_entropy(hidden, model.output_weight, shifted_targets(batch), ignore_index=IGNORE,
-                                  reduction="sum", chunk_size=chunk_size)
+    hidden = model.hidden_states(to_device(_array(batch["input_ids"]), device), **inputs)  # (B, T, D)
+    return F.linear_cross_entropy(hidden, model.output_weight, to_device(shifted_targets(batch), device),
+                                  ignore_index=IGNORE, reduction="sum", chunk_size=chunk_size)
 
 
 def decoder_strategy_options(strategy: str, loader, decay: float = 0.9, fisher_batches: int = 8) -> dict:

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import functional as F
+from ..backend import to_device
 from ..nn.decoder import DecoderLayer, RMSNorm
 from ..nn.layers import Embedding, Linear
 from ..nn.module import Module, ModuleList, StateDictError
@@ -167,12 +168,15 @@ class LlamaModel(Module):
                 output_hidden_states: bool = False):
         # ids: (B, T); attention_mask: (B, S) 1 = real token, S = cached + T; segment_ids: (B, T)
         # -> hidden (B, T, D); with output_hidden_states also [embeddings, layer 0, ..., normed last]
+        # The masks and positions may sit on either device: they are read on the host, and the
+        # attention mask and rotary tables they give are made once, on the weights' device.
+        xp = self.embed_tokens.weight.xp
         ids = _as_ids(ids)
         b, t = ids.shape
         past = 0 if kv_cache is None else kv_cache.length
-        padding = None
-        if attention_mask is not None:
-            padding = np.asarray(attention_mask.data if isinstance(attention_mask, Tensor) else attention_mask)
+        padding, position_ids, segment_ids = (None if a is None else _host(a)
+                                              for a in (attention_mask, position_ids, segment_ids))
+        if padding is not None:
             if padding.shape != (b, past + t):
                 raise ValueError(f"attention_mask must be (B, cached + T) = ({b}, {past + t}), got {padding.shape}")
             padding = padding.astype(bool)
@@ -181,11 +185,12 @@ class LlamaModel(Module):
         if past + t > self.config.max_position_embeddings:
             raise ValueError(f"{past + t} positions exceed max_position_embeddings "
                              f"{self.config.max_position_embeddings}")
-        rope = F.rope_cache(np.asarray(position_ids), self.config.head_dim, self.config.rope_theta)
+        rope = F.rope_cache(xp.asarray(position_ids), self.config.head_dim, self.config.rope_theta)
         if t == 1 and segment_ids is None and (padding is None or padding.all()):
             mask = None  # one query after every key, none of them padding: it may attend to all
         else:
-            mask = F.causal_mask(t, past + t, key_padding=padding, segment_ids=segment_ids)  # (B or 1, 1, T, S)
+            mask = xp.asarray(F.causal_mask(t, past + t, key_padding=padding,
+                                            segment_ids=segment_ids))  # (B or 1, 1, T, S)
         x = self.embed_tokens(ids)  # (B, T, D)
         states = [x]
         for i, layer in enumerate(self.layers):
@@ -193,6 +198,11 @@ class LlamaModel(Module):
             states.append(x)
         x = states[-1] = self.norm(x)
         return (x, states) if output_hidden_states else x
+
+
+def _host(array) -> np.ndarray:
+    """A mask or position array (NumPy, CuPy, a list or a Tensor) as a NumPy array."""
+    return np.asarray(to_device(array.data if isinstance(array, Tensor) else array, "cpu"))
 
 
 class LlamaForCausalLM(Module):
