@@ -748,8 +748,8 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target, ignore_index: i
     s = g/n for "mean", g for "sum" (g the upstream gradient) and g_i per row for "none".
     Ignored rows get dh = 0 and add nothing to dW; "mean" over no rows is NaN with zero gradients.
 
-    Memory: two (c, V) buffers at a time (a chunk's logits and their gradient) instead of the
-    two (N, V) of ``cross_entropy(linear(h, W), t)``, plus dh (N, D) and dW (V, D), the sizes
+    Memory: one (c, V) buffer at a time (a chunk's logits, overwritten by their gradient) instead
+    of the two (N, V) of ``cross_entropy(linear(h, W), t)``, plus dh (N, D) and dW (V, D), the sizes
     of the inputs (dW is accumulated ``HEAD_WEIGHT_BLOCK`` rows at a time, with no second (V, D)). Time: the same three products as the unchunked head, over n ≤ N rows.
     When a gradient is needed and the reduction is a scalar, dh and dW are computed in the
     forward pass with g = 1 and handed to the first backward (scaled there if g ≠ 1); any
@@ -794,7 +794,7 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target, ignore_index: i
             if dw is not None:  # G_Cᵀ h_C a block of W's rows at a time: a (block, D) temporary, not a (V, D) one
                 for v in range(0, classes, HEAD_WEIGHT_BLOCK):
                     dw[v:v + HEAD_WEIGHT_BLOCK] += grad[:, v:v + HEAD_WEIGHT_BLOCK].T @ h  # (block, D)
-            del grad  # before the next chunk's logits exist: two (c, V) buffers at a time, not three
+            del grad  # before the next chunk's logits exist: one (c, V) buffer at a time, not two
         return losses, dh, dw
 
     precompute = (is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
