@@ -143,3 +143,34 @@ def test_kernel_path_behaves_like_the_array_path(bad, monkeypatch):
     clamped = params_with_grads([np.array([-2.0, 0.25, 7.0], np.float32)])
     clip_grad_value_(clamped, 0.5)
     np.testing.assert_array_equal(clamped[0].grad, [-0.5, 0.25, 0.5])
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_clipping_over_threads_has_the_same_bits(workers, monkeypatch):
+    """The chunk dots are shared out over threads and added back in order: the norm and the
+    clipped gradients must not change a bit with the thread count.
+
+    One-element chunks: 1² and then 30 of (2⁻²⁷)² = 2⁻⁵⁴. Added one at a time to 1 each
+    2⁻⁵⁴ rounds away (it is under half an ulp of 1), so the squared norm is exactly 1;
+    summing the small ones in a block first would carry them into the total.
+    """
+    from tinysft import threads
+    from tinysft.optim import clip
+    monkeypatch.setattr(clip, "_CHUNK", 1)
+    monkeypatch.setattr(threads, "MIN_PARALLEL", 1)
+    rng = np.random.default_rng(7)
+    grads = [np.array([1.0] + [2.0 ** -27] * 30, np.float32), rng.standard_normal((13, 7)).astype(np.float32)]
+    results = {}
+    before = threads.num_threads()
+    try:
+        for count in (1, workers):
+            threads.set_num_threads(count)
+            small, params = params_with_grads(grads[:1]), params_with_grads(grads)
+            results[count] = clip_grad_norm_(small, 0.5), clip_grad_norm_(params, 1.0), [p.grad for p in params]
+    finally:
+        threads.set_num_threads(before)
+    (small_one, norm_one, grads_one), (small_many, norm_many, grads_many) = results[1], results[workers]
+    assert small_one == small_many == 1.0
+    assert norm_one == norm_many
+    for a, b in zip(grads_one, grads_many):
+        np.testing.assert_array_equal(a, b)

@@ -6,13 +6,17 @@
 Float32 CUDA gradients go to ``tinysft.cuda.ops.clip`` (2-norm, clamping); the
 rest use array ops. On NumPy the squared norm is summed in float64 from float32
 dots over 64K-element chunks: relative error ~1e-9, where one float32 dot over
-everything gives ~1e-4.
+everything gives ~1e-4. Both passes (the dots, then the scaling) are memory-bound,
+and one core streams about half of what two do, so on NumPy they are shared out
+over the cores (``threads.map_rows``); the chunk dots come back in order and are
+added in that order, so the norm has the same bits for every thread count.
 """
 import math
 
 import numpy as np
 
 from ..backend import device_of, xp_for
+from ..threads import map_rows
 
 _CHUNK = 1 << 16
 
@@ -47,7 +51,7 @@ def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0,
     if not scaled and not scale >= 1.0:  # also true for a nan scale
         with np.errstate(invalid="ignore"):  # inf · 0 = nan, as in PyTorch
             for g in grads:
-                g *= scale
+                _scale(g, scale)
     return total
 
 
@@ -83,7 +87,25 @@ def _squared_norm(g, xp) -> float:
     if flat.dtype != xp.float32:
         flat = flat.astype(xp.float64, copy=False)
         return float(xp.dot(flat, flat))
-    return sum(float(xp.dot(c, c)) for c in (flat[i:i + _CHUNK] for i in range(0, flat.size, _CHUNK)))
+
+    def dots(first, stop):  # chunks [first, stop)
+        return [float(xp.dot(c, c)) for c in (flat[i * _CHUNK:(i + 1) * _CHUNK] for i in range(first, stop))]
+
+    return sum(d for block in _map_blocks(dots, -(-flat.size // _CHUNK), _CHUNK, xp) for d in block)
+
+
+def _scale(g, scale: float) -> None:
+    """g ← scale·g, in place."""
+    if not g.flags.c_contiguous:
+        g *= scale
+        return
+    flat, xp = g.reshape(-1), xp_for(device_of(g))
+    _map_blocks(lambda start, stop: xp.multiply(flat[start:stop], scale, out=flat[start:stop]), flat.size, 1, xp)
+
+
+def _map_blocks(fn, n: int, row_cost: int, xp) -> list:
+    """``threads.map_rows`` on NumPy; on a GPU, whose kernels run one after another anyway, one call."""
+    return map_rows(fn, n, row_cost) if xp is np else [fn(0, n)]
 
 
 def _grads(parameters):
