@@ -41,8 +41,8 @@ def _parser():
                                    "on the runs' common test split")
     ensemble.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
 
-    distill = command("distill", "train a shallower student on a finished run's soft targets "
-                                 "(default: 3 layers from every other layer of MiniLM's 6)")
+    distill = command("distill", "train a shallower student on a finished run's soft targets: a finetune run "
+                                 "(3 of MiniLM's 6 layers) or an sft run (15 of SmolLM2's 30), every other layer")
     distill.add_argument("teacher_run")
     distill.add_argument("--overwrite", action="store_true", help="delete the run in --out and start afresh")
     DISTILL.add_flags(distill)
@@ -124,8 +124,7 @@ def _dispatch(args) -> int:
                               resume=args.resume, overwrite=args.overwrite)
     if args.command == "distill":
         from .distill import distill_command
-        return distill_command(args.teacher_run, DISTILL.build(None, DISTILL.overrides(args)),
-                               overwrite=args.overwrite)
+        return distill_command(args.teacher_run, DISTILL.overrides(args), overwrite=args.overwrite)
     if args.command == "ensemble":
         from .ensemble import ensemble
         return ensemble(args.run_dirs)
