@@ -19,6 +19,8 @@ reductions, matmul, indexing, cat, where, softmax/log-softmax) live with
 array([[ 0.09  ,  0.2447, -0.3348]], dtype=float32)
 """
 import math
+import sys
+import threading
 
 import numpy as np
 
@@ -370,10 +372,39 @@ CE_SUM_FLOOR = 2.0 ** -60
 """A row whose Σ e^(x − block max) is below this (its largest logit lies > 41 below the block's) is redone with its own max."""
 
 
+CE_SPARE_BYTES = 256 * 2 ** 20
+"""The largest gradient buffer ``_spare_gradient`` keeps between calls."""
+_spare = {}  # dtype → the last gradient buffer (flat), for the next call once nothing else holds it
+_spare_lock = threading.Lock()
+
+
+def _spare_gradient(shape, dtype):
+    """An uninitialised array of ``shape`` for a cross-entropy gradient: the memory of an earlier
+    one once nothing but this cache refers to it any more, else a fresh array (kept for next
+    time when it is at most ``CE_SPARE_BYTES``).
+
+    Why: a fresh (N, C) array costs its page faults on first write (a 62 MB gradient at
+    512×30522: ~15% of the whole fwd+bwd), and the gradient handed to the logits dies before
+    the next step (a leaf's when ``.grad`` is cleared, an intermediate's after its backward).
+    Ownership is read from CPython's reference count: every holder — a tensor's ``.grad``,
+    a view (its ``.base`` is the buffer), a backward closure — adds one, so a count of 2 (the
+    cache's entry and the argument of ``getrefcount``) means no one else can see the memory.
+    """
+    size = math.prod(shape)
+    with _spare_lock:
+        if dtype in _spare and _spare[dtype].size >= size and sys.getrefcount(_spare[dtype]) == 2:
+            return _spare[dtype][:size].reshape(shape)
+        buffer = np.empty(size, dtype)
+        if buffer.nbytes <= CE_SPARE_BYTES:
+            _spare[dtype] = buffer
+        return buffer.reshape(shape)
+
+
 def _cross_entropy_rows(rows, target, valid, label_smoothing, z_loss, row_scale, with_grad=True, out=None):
     """NumPy path: per-row losses (N,) and row_scale · d(Σ loss)/d rows (N, C), or None when not
     ``with_grad``. ``out``: an (N, C) array to write the gradient into (it may be ``rows``
-    itself: a block of rows is written only after its last read); by default a fresh one.
+    itself: a block of rows is written only after its last read); by default one from
+    ``_spare_gradient``.
 
     The rows go in blocks of about ``CE_BLOCK_ELEMENTS`` logits, a grid fixed by the shape, so
     the bits do not depend on the thread count; ``map_rows`` spreads the blocks over the cores.
@@ -392,7 +423,7 @@ def _cross_entropy_rows(rows, target, valid, label_smoothing, z_loss, row_scale,
     from .threads import map_rows
     rows = np.ascontiguousarray(rows)
     count, classes = rows.shape
-    grad = (np.empty_like(rows) if out is None else out) if with_grad else None
+    grad = (_spare_gradient(rows.shape, rows.dtype) if out is None else out) if with_grad else None
     safe_target = np.where(valid, target, 0)
     flat_target = np.arange(count) * classes + safe_target  # (N,) the targets' positions in rows.ravel()
     picked = rows.reshape(-1).take(flat_target).astype(np.float64)  # (N,) target logits

@@ -3,12 +3,14 @@
 ``_cross_entropy_rows`` works in row blocks of about ``CE_BLOCK_ELEMENTS`` logits, shifts a
 block by its largest logit (or not at all when e^x is safe), redoes rows far below that
 shift with their own max, spreads the blocks over threads, may write the gradient over
-the logits, and ``cross_entropy`` hands its gradient to the logits without a copy. Each of
-those is checked here: tiny blocks (one row, a few rows, a row split over none), rows
-thousands apart in one block, inf/NaN rows, 1–3 threads giving the same bits, in place
-against out of place, the no-grad loss, and the handed-over gradient being edited.
+the logits, and ``cross_entropy`` hands its gradient, in a buffer reused across calls once
+no one holds it, to the logits without a copy. Each of those is checked here: tiny blocks
+(one row, a few rows), rows thousands apart in one block, inf/NaN rows, 1–3 threads giving
+the same bits, in place against out of place, the no-grad loss, the handed-over gradient
+being edited, and a held gradient never being reused.
 """
 import math
+import weakref
 
 import numpy as np
 import pytest
@@ -173,3 +175,31 @@ def test_handed_over_gradient_may_be_edited_and_a_second_backward_recomputes_it(
     x.grad = None
     loss.backward()
     np.testing.assert_allclose(x.grad, weights[:, None] * per_row, rtol=1e-12, atol=1e-15)
+
+
+def test_spare_gradient_is_reused_only_once_no_one_holds_it():
+    rng = np.random.default_rng(7)
+    logits = rng.standard_normal((8, 6)).astype(np.float32)
+    target = rng.integers(0, 6, 8)
+    _, expected = reference(logits.astype(np.float64), target)
+    x = tinysft.tensor(logits, requires_grad=True)
+    F.cross_entropy(x, target).backward()
+    held = x.grad[2:]  # a view: its base is the buffer
+    before = held.copy()
+    x.grad = None
+    F.cross_entropy(x, target).backward()
+    assert not np.shares_memory(x.grad, held)  # still held: a fresh buffer
+    np.testing.assert_array_equal(held, before)
+    del held
+    x.grad = None  # now no one holds either: the next gradient is the cached one
+    cached = weakref.ref(F._spare[np.dtype(np.float32)])  # a weak reference: no holder
+    F.cross_entropy(x, target).backward()
+    assert cached() is not None and x.grad.base is cached()
+    np.testing.assert_allclose(x.grad, expected, atol=1e-7)
+    first, second = (tinysft.tensor(logits, requires_grad=True) for _ in range(2))
+    losses = [F.cross_entropy(first, target), F.cross_entropy(second, target)]  # two gradients alive at once
+    for loss in losses:
+        loss.backward()
+    assert not np.shares_memory(first.grad, second.grad)
+    np.testing.assert_allclose(first.grad, expected, atol=1e-7)
+    np.testing.assert_allclose(second.grad, expected, atol=1e-7)
