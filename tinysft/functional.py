@@ -26,7 +26,7 @@ import numpy as np
 
 from .backend import scatter_add
 from .rng import generator as default_generator
-from .tensor import ShapeError, Tensor, cat, is_grad_enabled, lift, make_node, where
+from .tensor import ShapeError, Tensor, cat, is_grad_enabled, lift, make_node, split_rows, where
 
 
 class TargetError(IndexError):
@@ -122,39 +122,68 @@ def layer_norm(x: Tensor, weight=None, bias=None, eps: float = 1e-5) -> Tensor:
 
     Backward (fused), with x̂ the normalised input, D the width, r = 1/√(σ²+ε):
       dx̂ = g·w;  dx = r/D · (D·dx̂ − Σdx̂ − x̂·Σ(dx̂·x̂));  dw = Σ g·x̂;  db = Σ g.
+    Each row is its own problem, so the forward and dx run over blocks of rows on the cores
+    (``split_rows``: these are single-threaded ufunc passes); dw and db, sums over the rows, run
+    over blocks of columns, each column summed over all rows as one call would, so the result
+    is the same for any thread count. x̂ (N, D) and r (N, 1) are kept for the backward.
     """
     xp = x.xp
     width = x.shape[-1]
     for name, p in (("weight", weight), ("bias", bias)):
         if p is not None and p.shape != (width,):
             raise ShapeError(f"layer_norm: {name} of shape {p.shape} for input of shape {x.shape}")
-    mean = x.data.mean(axis=-1, keepdims=True)
-    normed = x.data - mean  # (..., D): centred here, normalised in place below
-    rstd = 1.0 / xp.sqrt((normed * normed).mean(axis=-1, keepdims=True) + eps)
-    normed *= rstd
-    value = normed
-    if weight is not None:
-        value = value * weight.data
-    if bias is not None:
-        value = value + bias.data if value is normed else xp.add(value, bias.data, out=value)
+    rows = x.data.reshape(-1, width)  # (N, D)
+    count = rows.shape[0]
+    normed = xp.empty_like(rows)  # x̂ (N, D)
+    rstd = xp.empty((count, 1), dtype=rows.dtype)  # r (N, 1)
+    value = normed if weight is None and bias is None else xp.empty_like(rows)  # y (N, D)
+
+    def forward_block(start, stop):  # rows [start, stop)
+        block = slice(start, stop)
+        centred = xp.subtract(rows[block], rows[block].mean(axis=-1, keepdims=True), out=normed[block])
+        xp.divide(1.0, xp.sqrt((centred * centred).mean(axis=-1, keepdims=True) + eps), out=rstd[block])
+        centred *= rstd[block]
+        if weight is not None:
+            xp.multiply(centred, weight.data, out=value[block])
+        if bias is not None:
+            xp.add(value[block] if weight is not None else centred, bias.data, out=value[block])
+
+    split_rows(xp, forward_block, count, width)
     params = tuple(p for p in (weight, bias) if p is not None)
-    out = make_node(value, (x,) + params, "layer_norm")
+    out = make_node(value.reshape(x.shape), (x,) + params, "layer_norm")
     if out.requires_grad:
         def backward_fn(g):
-            dnormed = g * weight.data if weight is not None else g
+            grad = g.reshape(-1, width)  # (N, D)
             if x.requires_grad:
-                # the bracket is built in place: D·dx̂ − Σdx̂ − x̂·Σ(dx̂·x̂), then scaled by r/D
-                dx = dnormed * width
-                dx -= dnormed.sum(axis=-1, keepdims=True)
-                product = dnormed * normed
-                dx -= xp.multiply(normed, product.sum(axis=-1, keepdims=True), out=product)
-                dx *= rstd / width
-                x.accumulate_grad(dx)
-            leading = tuple(range(g.ndim - 1))
-            if weight is not None and weight.requires_grad:
-                weight.accumulate_grad((g * normed).sum(axis=leading), owned=True)
-            if bias is not None and bias.requires_grad:
-                bias.accumulate_grad(g.sum(axis=leading), owned=True)
+                dx = xp.empty_like(rows)  # (N, D)
+
+                def dx_block(start, stop):
+                    # the bracket built in place: D·dx̂ − Σdx̂ − x̂·Σ(dx̂·x̂), then scaled by r/D
+                    block = slice(start, stop)
+                    dnormed = grad[block] * weight.data if weight is not None else grad[block]
+                    bracket = xp.multiply(dnormed, width, out=dx[block])
+                    bracket -= dnormed.sum(axis=-1, keepdims=True)
+                    product = dnormed * normed[block]
+                    bracket -= xp.multiply(normed[block], product.sum(axis=-1, keepdims=True), out=product)
+                    bracket *= rstd[block] / width
+
+                split_rows(xp, dx_block, count, width)
+                x.accumulate_grad(dx.reshape(x.shape), owned=True)
+            dw = xp.empty(width, dtype=rows.dtype) if weight is not None and weight.requires_grad else None
+            db = xp.empty(width, dtype=rows.dtype) if bias is not None and bias.requires_grad else None
+
+            def column_block(start, stop):  # columns [start, stop), each summed over all N rows
+                columns = (slice(None), slice(start, stop))
+                if dw is not None:
+                    xp.sum(grad[columns] * normed[columns], axis=0, out=dw[start:stop])
+                if db is not None:
+                    xp.sum(grad[columns], axis=0, out=db[start:stop])
+
+            if dw is not None or db is not None:
+                split_rows(xp, column_block, width, count)
+            for param, param_grad in ((weight, dw), (bias, db)):
+                if param_grad is not None:
+                    param.accumulate_grad(param_grad, owned=True)
         out.backward_fn = backward_fn
     return out
 
@@ -218,37 +247,127 @@ def attention_bias(attention_mask, dtype=np.float32, like: Tensor = None) -> Ten
     return Tensor(bias[:, None, None, :])  # (B, 1, 1, T)
 
 
+def _softmax_forward(z, scale: float, bias, xp):
+    """z ← softmax(z · scale + bias) over the last axis, in place (stable: the row max is subtracted)."""
+    z *= z.dtype.type(scale)
+    if bias is not None:
+        z += bias
+    z -= z.max(axis=-1, keepdims=True)
+    xp.exp(z, out=z)
+    z /= z.sum(axis=-1, keepdims=True)
+    return z
+
+
+def _softmax_backward(dp, p, scale: float):
+    """dp ← scale · p ⊙ (dp − Σ_j dp_j p_j), in place: the gradient of the scores z from that of
+    p = softmax(z · scale + bias)."""
+    dp -= (dp * p).sum(axis=-1, keepdims=True)
+    dp *= p
+    dp *= scale
+    return dp
+
+
 def scaled_masked_softmax(scores: Tensor, scale: float, bias: Tensor = None) -> Tensor:
     """softmax(scores · scale + bias) over the last axis, as one node (fused, stable).
 
     Only the probabilities p are kept for the backward:
     d scores = scale · p ⊙ (g − Σ_j g_j p_j). ``bias`` is a constant (no gradient).
     """
-    xp = scores.xp
-    z = scores.data * scores.dtype.type(scale)  # (B, H, T, T)
-    if bias is not None:
-        z += bias.data if isinstance(bias, Tensor) else bias
-    z -= z.max(axis=-1, keepdims=True)
-    xp.exp(z, out=z)
-    z /= z.sum(axis=-1, keepdims=True)
+    bias = bias.data if isinstance(bias, Tensor) else bias
+    z = _softmax_forward(scores.data.copy(), scale, bias, scores.xp)  # (B, H, T, T)
     out = make_node(z, (scores,), "masked_softmax")
     if out.requires_grad:
-        def backward_fn(g):
-            grad = g - (g * z).sum(axis=-1, keepdims=True)
-            grad *= z
-            grad *= scale
-            scores.accumulate_grad(grad)
-        out.backward_fn = backward_fn
+        out.backward_fn = lambda g: scores.accumulate_grad(_softmax_backward(g.copy(), z, scale), owned=True)
     return out
 
 
 def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor = None,
                                  dropout_p: float = 0.0, training: bool = False, generator=None) -> Tensor:
-    """softmax(q kᵀ/√d + bias) v on (B, H, T, d) heads; ``bias`` broadcasts to (B, H, T, T)."""
-    scores = q @ k.transpose(-1, -2)  # (B, H, T, T)
-    probs = scaled_masked_softmax(scores, 1.0 / math.sqrt(q.shape[-1]), bias)  # (B, H, T, T); bias (B, 1, 1, T)
-    probs = dropout(probs, dropout_p, training, generator)
-    return probs @ v  # (B, H, T, d)
+    """softmax(q kᵀ/√d + bias) v on (B, H, T, d) heads, dropout on the probabilities, as one node.
+
+    q (B, H, T, d), k (B, H, S, d), v (B, H, S, dv); ``bias`` (a constant, no gradient)
+    broadcasts to (B, H, T, S). With c = 1/√d and M the dropout multiplier (1/(1−p) where
+    kept, 0 where dropped; no M in eval mode or with p = 0):
+      P = softmax(q kᵀ · c + bias);   P̃ = P ⊙ M;   y = P̃ v   → (B, H, T, dv)
+    Backward (fused), g = dy:
+      dv = P̃ᵀ g;   dP = (g vᵀ) ⊙ M;   ds = c · P ⊙ (dP − Σ_j dP_j P_j);   dq = ds k;   dk = dsᵀ q.
+    Only P and M are kept. The values are those of the composition q @ kᵀ →
+    ``scaled_masked_softmax`` → ``dropout`` → @ v (the same draw from ``generator``, the same
+    operations in the same order), without its four graph nodes. Batch entries are independent,
+    so both passes run over blocks of them on the cores (``split_rows``): the per-head GEMMs here
+    are too small for BLAS to thread, and the softmax passes are single-threaded ufuncs.
+    y, dq, dk and dv are written in (B, T, H, ·) memory order and returned as (B, H, T, ·)
+    views, so the head merge after this op and the split before it (permute + reshape) cost no copy.
+    """
+    k, v = lift(k, q), lift(v, q)
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4 or q.shape[:2] != k.shape[:2] or k.shape[:3] != v.shape[:3] \
+            or q.shape[-1] != k.shape[-1]:
+        raise ShapeError(f"scaled_dot_product_attention: need q (B, H, T, d), k (B, H, S, d), v (B, H, S, dv); "
+                         f"got q {q.shape}, k {k.shape}, v {v.shape}")
+    xp = q.xp
+    batch, heads, length, head_dim = q.shape
+    keys, value_dim = k.shape[2], v.shape[-1]
+    scale = 1.0 / math.sqrt(head_dim)
+    scores_shape = (batch, heads, length, keys)
+    if bias is not None:
+        bias = xp.asarray(bias.data if isinstance(bias, Tensor) else bias)
+        try:
+            fits = bias.ndim <= 4 and np.broadcast_shapes(bias.shape, scores_shape) == scores_shape
+        except ValueError:
+            fits = False
+        if not fits:
+            raise ShapeError(f"scaled_dot_product_attention: bias of shape {bias.shape} does not broadcast "
+                             f"to the scores' (B, H, T, S) = {scores_shape}")
+        bias = bias.reshape((1,) * (4 - bias.ndim) + bias.shape)  # (B or 1, H or 1, T or 1, S or 1)
+    # M as the dropout of ones: the draw dropout(P) would make, and one dropout for every caller;
+    # None where dropout is the identity (eval mode, p = 0)
+    ones = Tensor(xp.broadcast_to(xp.ones((), dtype=q.dtype), scores_shape))
+    dropped = dropout(ones, dropout_p, training, generator)
+    mask = None if dropped is ones else dropped.data  # M (B, H, T, S)
+
+    def heads_view(positions, width):  # a new (B, positions, H, width) buffer seen as (B, H, positions, width)
+        return xp.empty((batch, positions, heads, width), dtype=q.dtype).swapaxes(1, 2)
+
+    probs = xp.empty(scores_shape, dtype=q.dtype)  # P
+    value = heads_view(length, value_dim)  # y (B, H, T, dv)
+
+    def forward_block(start, stop):  # batch entries [start, stop)
+        rows = slice(start, stop)
+        p = xp.matmul(q.data[rows], k.data[rows].swapaxes(-1, -2), out=probs[rows])  # q kᵀ (n, H, T, S)
+        _softmax_forward(p, scale, None if bias is None else bias[rows] if len(bias) > 1 else bias, xp)
+        xp.matmul(p if mask is None else p * mask[rows], v.data[rows], out=value[rows])
+
+    split_rows(xp, forward_block, batch, heads * length * keys)
+    out = make_node(value, (q, k, v), "scaled_dot_product_attention")
+    if out.requires_grad:
+        def backward_fn(g):
+            dq = heads_view(length, head_dim) if q.requires_grad else None
+            dk = heads_view(keys, head_dim) if k.requires_grad else None
+            dv = heads_view(keys, value_dim) if v.requires_grad else None
+
+            def backward_block(start, stop):
+                rows = slice(start, stop)
+                p, grad = probs[rows], g[rows]
+                if dv is not None:
+                    xp.matmul((p if mask is None else p * mask[rows]).swapaxes(-1, -2), grad, out=dv[rows])
+                if dq is None and dk is None:
+                    return
+                ds = grad @ v.data[rows].swapaxes(-1, -2)  # dP̃ (n, H, T, S), then ds in place
+                if mask is not None:
+                    ds *= mask[rows]
+                _softmax_backward(ds, p, scale)
+                if dq is not None:
+                    xp.matmul(ds, k.data[rows], out=dq[rows])
+                if dk is not None:
+                    # as (qᵀ ds)ᵀ, the composition's product (dsᵀ q rounds differently, by ~1e-7)
+                    dk[rows] = (q.data[rows].swapaxes(-1, -2) @ ds).swapaxes(-1, -2)
+
+            split_rows(xp, backward_block, batch, heads * length * keys)
+            for tensor, grad in ((q, dq), (k, dk), (v, dv)):
+                if grad is not None:
+                    tensor.accumulate_grad(grad, owned=True)
+        out.backward_fn = backward_fn
+    return out
 
 
 # ----- pooling -----

@@ -57,20 +57,29 @@ def _polyval(coefficients, x):
 
 def _chunked(fn, *arrays):
     """``fn(*arrays)`` for an elementwise ``fn`` that returns a tuple of arrays shaped like its inputs,
-    computed over 64K-element chunks on the CPU (one call on a GPU)."""
+    computed over 64K-element chunks on the CPU (one call on a GPU), so every temporary stays in
+    cache. The chunks after the first are shared out over the cores (``tensor.split_rows``): these
+    are single-threaded ufunc passes, about 30 per element for the exact GELU. Each element's value
+    depends on that element alone, so the result is the same for any thread count."""
+    from .tensor import split_rows
     xp = _module_of(arrays[0])
     shape = arrays[0].shape
     # 1-D even for 0-d inputs: ufuncs give scalars for 0-d arrays, which in-place steps cannot write into
     flats = [xp.ascontiguousarray(a).reshape(-1) for a in arrays]
     if xp.__name__ != "numpy" or flats[0].size <= _CHUNK:
         return tuple(r.reshape(shape) for r in fn(*flats))
-    outs = None
-    for start in range(0, flats[0].size, _CHUNK):
-        results = fn(*(f[start:start + _CHUNK] for f in flats))
-        if outs is None:
-            outs = tuple(xp.empty(flats[0].size, dtype=r.dtype) for r in results)
-        for out, r in zip(outs, results):
-            out[start:start + _CHUNK] = r
+    first = fn(*(f[:_CHUNK] for f in flats))  # its dtypes size the outputs
+    outs = tuple(xp.empty(flats[0].size, dtype=r.dtype) for r in first)
+    for out, r in zip(outs, first):
+        out[:_CHUNK] = r
+    starts = range(_CHUNK, flats[0].size, _CHUNK)
+
+    def block(begin, end):  # chunks starts[begin:end]
+        for start in starts[begin:end]:
+            for out, r in zip(outs, fn(*(f[start:start + _CHUNK] for f in flats))):
+                out[start:start + _CHUNK] = r
+
+    split_rows(xp, block, len(starts), _CHUNK)
     return tuple(out.reshape(shape) for out in outs)
 
 
@@ -153,3 +162,13 @@ def _gelu_slope(x, saved, approximate):
 def gelu_derivative(x, saved, approximate: str = "none"):
     """d GELU/dx from x and the ``saved`` array that ``gelu`` returned."""
     return _chunked(lambda v, s: (_gelu_slope(v, s, approximate),), x, saved)[0]
+
+
+def gelu_backward(grad, x, saved, approximate: str = "none"):
+    """grad · d GELU/dx, in the same chunks (one pass and one full-size array fewer than
+    ``grad * gelu_derivative(x, saved)``)."""
+    def scaled_slope(g, v, s):
+        slope = _gelu_slope(v, s, approximate)
+        slope *= g
+        return (slope,)
+    return _chunked(scaled_slope, grad, x, saved)[0]

@@ -109,6 +109,16 @@ def lift(value, like: "Tensor") -> "Tensor":
     return Tensor(like.xp.asarray(value, dtype=like.dtype))
 
 
+def split_rows(xp, fn, n: int, row_cost: int = 1) -> list:
+    """``[fn(start, stop), ...]`` over row blocks of ``[0, n)``: ``threads.map_rows`` (the blocks
+    on the CPU's cores) for NumPy arrays, one call ``[fn(0, n)]`` for CuPy ones, whose kernels
+    already use the whole GPU. ``xp``: the arrays' module; ``row_cost``: elements per row."""
+    if xp is not np:
+        return [fn(0, n)]
+    from .threads import map_rows
+    return map_rows(fn, n, row_cost)
+
+
 def _raw_index(index):
     """An index with Tensors replaced by their arrays."""
     if isinstance(index, Tensor):
@@ -375,13 +385,18 @@ class Tensor:
 
         ``approximate='tanh'``: ½x(1 + tanh u), u = √(2/π)(x + 0.044715x³),
         d/dx = ½(1 + tanh u) + ½x(1 − tanh² u)·√(2/π)(1 + 3·0.044715x²).
-        (Evaluated in ``special``: float32 in cache-sized chunks.)
+        (Evaluated in ``special``: float32 in cache-sized chunks spread over the cores; the
+        backward multiplies by g in the same chunks.)
         """
-        from .special import gelu, gelu_derivative
+        from .special import gelu, gelu_backward
         if approximate not in ("none", "tanh"):
             raise ValueError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
         value, saved = gelu(self.data, approximate)
-        return self._unary(value, lambda: gelu_derivative(self.data, saved, approximate), "gelu")
+        out = make_node(value, (self,), "gelu")
+        if out.requires_grad:
+            out.backward_fn = lambda grad: self.accumulate_grad(
+                gelu_backward(grad, self.data, saved, approximate), owned=True)
+        return out
 
     # ----- reductions -----
     def sum(self, axis=None, keepdims=False):
