@@ -1,4 +1,5 @@
-"""LoRA layers: gradients vs finite differences and the analytic dA/dB, init, merge round-off,
+"""LoRA layers: gradients vs finite differences and the analytic dA/dB, the fused node against the
+composition it replaces (bit for bit, and what each keeps for the backward), init, merge round-off,
 freezing, target matching and the errors, on single layers and a tiny BERT."""
 import math
 
@@ -12,7 +13,8 @@ from tinysft.optim import AdamW
 from tinysft import functional as F
 from tinysft import nn
 from tinysft.models import BertConfig, BertForSequenceClassification
-from tinysft.nn.lora import LoRALinear, apply_lora, lora_layers, merge_and_unload, merge_lora, unmerge_lora
+from tinysft.nn.lora import (LoRALinear, apply_lora, lora_layers, lora_linear, merge_and_unload, merge_lora,
+                             unmerge_lora)
 
 TINY_BERT = dict(vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
                  max_position_embeddings=8, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
@@ -91,6 +93,57 @@ def test_dropout_acts_on_the_adapter_input_only():
     np.testing.assert_allclose(layer.lora_A.weight.grad, 2.0 * bb.T @ g.T @ xm, rtol=1e-12)
     layer.eval()  # no dropout at evaluation
     np.testing.assert_allclose(layer(tinysft.tensor(x)).numpy(), x @ w.T + b + 2.0 * (x @ a.T) @ bb.T, rtol=1e-12)
+
+
+@given(lead=st.lists(st.integers(1, 3), min_size=0, max_size=2), n_in=st.integers(1, 4), n_out=st.integers(1, 4),
+       r=st.integers(1, 3), bias=st.booleans(), p=st.sampled_from([0.0, 0.3, 0.7]), seed=st.integers(0, 2 ** 16))
+def test_the_fused_node_matches_finite_differences_under_a_fixed_mask(lead, n_in, n_out, r, bias, p, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((*lead, n_in))
+    w, a, b = rng.standard_normal((n_out, n_in)), rng.standard_normal((r, n_in)), rng.standard_normal((n_out, r))
+    keep = rng.random(x.shape) >= p  # fixed, so the function is deterministic
+    inputs = [x, w, a, b] + ([rng.standard_normal(n_out)] if bias else [])
+
+    def fn(x, w, a, b, bias=None):
+        return lora_linear(x, w, bias, a, b, 1.7, keep, 1 / (1 - p))
+
+    assert tinysft.gradcheck(fn, inputs)
+    y = fn(*(tinysft.tensor(t) for t in inputs)).numpy()  # the formula, written out
+    d = x * keep / (1 - p)
+    np.testing.assert_allclose(y, x @ w.T + (inputs[4] if bias else 0) + 1.7 * (d @ a.T) @ b.T, rtol=1e-12, atol=1e-12)
+
+
+def composed(layer, x, generator):
+    """The layer as F.linear, F.dropout and an addition, each its own node."""
+    u = F.linear(F.dropout(x, layer.lora_dropout.p, True, generator), layer.lora_A.weight) * layer.scaling
+    return F.linear(x, layer.weight, layer.bias) + F.linear(u, layer.lora_B.weight)
+
+
+def test_the_fused_node_is_the_composition_bit_for_bit_and_holds_less():
+    import tracemalloc
+    tinysft.manual_seed(0)
+    n, n_in, n_out, r = 64, 96, 80, 4
+    layer = LoRALinear(nn.Linear(n_in, n_out), r, 8.0, 0.3).train()
+    layer.lora_B.weight.data[...] = np.random.default_rng(1).standard_normal((n_out, r))
+    x0 = np.random.default_rng(2).standard_normal((2, n // 2, n_in)).astype(np.float32)
+    g = np.random.default_rng(3).standard_normal((2, n // 2, n_out)).astype(np.float32)
+    results, held = [], []
+    for run in (lambda x: layer(x), lambda x: composed(layer, x, np.random.default_rng(7))):
+        layer.lora_dropout.generator = np.random.default_rng(7)  # the same masks in both
+        for param in layer.parameters():
+            param.grad = None
+        x = tinysft.tensor(x0, requires_grad=True)
+        tracemalloc.start()
+        y = run(x)
+        held.append(tracemalloc.get_traced_memory()[0])  # what the graph keeps for the backward, y included
+        tracemalloc.stop()
+        y.backward(g)
+        results.append([y.numpy(), x.grad, layer.lora_A.weight.grad, layer.lora_B.weight.grad])
+    for name, fused, reference in zip(["y", "dx", "dA", "dB"], *results, strict=True):
+        assert np.array_equal(fused, reference), name
+    # the output, the boolean mask and u, against 3 outputs, the float mask and drop(x)
+    assert held[0] <= n * (4 * n_out + n_in + 4 * r) + 4096
+    assert held[1] >= n * (3 * 4 * n_out + 2 * 4 * n_in)
 
 
 # ----- initialisation

@@ -15,9 +15,14 @@ Gradients (g = ∂L/∂y, rows of x and g flattened to N; u = drop(x) Aᵀ, shap
     dB = s · gᵀ u          (out, r)
     dA = s · Bᵀ gᵀ drop(x)  (r, in)
 
-Both come from two F.linear calls (autograd composes their fused backwards); W
-gets none. Parameter names follow PEFT with the adapter name left out, as PEFT
-saves them: ``…q_proj.weight`` (the base, unchanged), ``…q_proj.lora_A.weight``,
+The whole layer is one node, ``lora_linear``, for memory: composed of F.linear, F.dropout and
+an addition, the graph held the base output, the branch output and their sum (three (N, out)
+arrays), the float dropout mask and drop(x) (two (N, in)) until the backward; one node holds its
+output, the keep mask as booleans (one byte per input entry) and u (N, r), besides x, which the
+base needs anyway, and recomputes drop(x) in the backward. The values and gradients are the
+composition's, bit for bit. Each adapter draws its own dropout mask, as PEFT's do. W gets no
+gradient while frozen. Parameter names follow PEFT with the adapter name left out, as PEFT saves
+them: ``…q_proj.weight`` (the base, unchanged), ``…q_proj.lora_A.weight``,
 ``…q_proj.lora_B.weight``.
 
 >>> summary = apply_lora(model, r=8, alpha=16, target_modules=("q_proj", "v_proj"))
@@ -31,7 +36,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import functional as F
-from ..tensor import Tensor
+from ..rng import generator as default_generator
+from ..tensor import Tensor, lift, make_node
 from .layers import Dropout, Linear
 from .module import Module
 
@@ -88,11 +94,15 @@ class LoRALinear(Module):
 
     def forward(self, x: Tensor) -> Tensor:
         # x: (..., in) -> (..., out)
-        y = F.linear(x, self.weight, self.bias)  # (..., out); W already holds s·BA when merged
         if self.merged:
-            return y
-        u = self.lora_A(self.lora_dropout(x)) * self.scaling  # (..., r): scaled here, r ≪ out
-        return y + self.lora_B(u)  # (..., out)
+            return F.linear(x, self.weight, self.bias)  # W already holds s·BA
+        drop = self.lora_dropout
+        keep = None
+        if drop.training and drop.p > 0:  # F.dropout's draws (so a seed gives its masks), kept as booleans
+            rng = drop.generator or default_generator(x.device)
+            keep = rng.random(x.shape, dtype=x.dtype if x.dtype == np.float32 else np.float64) >= drop.p  # (..., in)
+        return lora_linear(x, self.weight, self.bias, self.lora_A.weight, self.lora_B.weight, self.scaling,
+                           keep, 1.0 / (1.0 - drop.p))
 
     def delta_weight(self):
         """s·BA (out, in), computed in float64 so that merge and unmerge each round only once."""
@@ -126,6 +136,67 @@ class LoRALinear(Module):
         kind = ", rslora" if self.rslora else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
                 f"alpha={self.alpha:g}, scaling={self.scaling:g}{kind}, merged={self.merged}")
+
+
+def lora_linear(x: Tensor, weight: Tensor, bias, a: Tensor, b: Tensor, scaling: float, keep=None,
+                keep_scale: float = 1.0) -> Tensor:
+    """y = x Wᵀ + bias + s · ((x ⊙ m) Aᵀ) Bᵀ as one node: x (..., in), W (out, in), bias (out,) or
+    None, A (r, in), B (out, r) → (..., out). ``keep``: a boolean mask of x's shape (None: keep
+    all), m = keep · ``keep_scale`` (inverted dropout: 1/(1 − p) where kept, 0 where dropped).
+
+    With rows flattened to N, d = x ⊙ m (N, in), u = s · d Aᵀ (N, r), g the upstream (N, out):
+      forward:   y = x Wᵀ + bias + u Bᵀ
+      backward:  dB = gᵀ u;   v = s · g B  (N, r);   dA = vᵀ d;   dx = g W + (v A) ⊙ m;
+                 dW = gᵀ x,  dbias = Σ_rows g  (only when W, bias train)
+    Saved: x (the base needs it anyway), the mask and u; d is recomputed in the backward.
+    """
+    weight, a, b = lift(weight, x), lift(a, x), lift(b, x)
+    out_features, in_features = weight.shape
+    if x.ndim == 0 or x.shape[-1] != in_features or a.shape[1:] != (in_features,) or \
+            b.shape != (out_features, a.shape[0]):
+        raise ValueError(f"lora_linear: input {x.shape}, W {weight.shape}, A {a.shape}, B {b.shape} do not fit "
+                         "(need x (..., in), W (out, in), A (r, in), B (out, r))")
+    if keep is not None and tuple(keep.shape) != x.shape:
+        raise ValueError(f"lora_linear: keep mask of shape {tuple(keep.shape)} for an input of shape {x.shape}")
+    xp = x.xp
+    flat = x.data.reshape(-1, in_features)  # (N, in)
+    mask = None if keep is None else xp.asarray(keep, dtype=bool).reshape(-1, in_features)  # (N, in)
+
+    def dropped(array):  # array ⊙ m, a fresh array (array itself when nothing is dropped)
+        if mask is None:
+            return array
+        out = array * mask
+        out *= keep_scale
+        return out
+
+    u = dropped(flat) @ a.data.T  # (N, r)
+    u *= scaling
+    value = flat @ weight.data.T  # (N, out)
+    if bias is not None:
+        bias = lift(bias, x)
+        value += bias.data
+    value += u @ b.data.T  # (N, out)
+    params = (x, weight, a, b) if bias is None else (x, weight, a, b, bias)
+    out = make_node(value.reshape(*x.shape[:-1], out_features), params, "lora_linear")
+    if out.requires_grad:
+        def backward_fn(grad):
+            g = grad.reshape(-1, out_features)  # (N, out)
+            v = g @ b.data  # (N, r)
+            v *= scaling
+            if b.requires_grad:
+                b.accumulate_grad(g.T @ u, owned=True)  # (out, r)
+            if a.requires_grad:
+                a.accumulate_grad(v.T @ dropped(flat), owned=True)  # (r, in)
+            if x.requires_grad:
+                dx = g @ weight.data  # (N, in)
+                dx += dropped(v @ a.data)
+                x.accumulate_grad(dx.reshape(x.shape), owned=True)
+            if weight.requires_grad:
+                weight.accumulate_grad(g.T @ flat, owned=True)
+            if bias is not None and bias.requires_grad:
+                bias.accumulate_grad(g.sum(axis=0), owned=True)
+        out.backward_fn = backward_fn
+    return out
 
 
 @dataclass(frozen=True)
