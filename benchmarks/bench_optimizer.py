@@ -2,6 +2,7 @@
 
     python3 benchmarks/bench_optimizer.py            # BENCH_THREADS=1 to pin one thread
     python3 benchmarks/bench_optimizer.py --profile 5   # also cProfile 5 tinysft AdamW steps
+    python3 benchmarks/bench_optimizer.py --ref 9f47f3e  # also time the optimizer as of a git commit
 
 The 101 float32 tensors of all-MiniLM-L6-v2 without its pooler (22,565,376 numbers): word
 embeddings 30522×384, positions 512×384, token types 2×384, the embedding LayerNorm, and per
@@ -14,12 +15,16 @@ Gradients are random normal × 1e-2, fixed across steps.
    total 2-norm and the in-place scaling. Each call lowers ``max_norm`` by 0.1% so that both libraries
    really scale every time (tinysft skips the pass when nothing needs clipping). Then the relative error
    of each library's total norm (on the original gradients) against a float64 reference.
+
+With ``--ref``, each is also timed as of that commit, interleaved with the current code.
 """
 import argparse
+import importlib
 import math
 
 import _timing  # first: pins BLAS threads before NumPy loads
 import numpy as np
+from bench_cross_entropy import engine_at
 
 from tinysft.nn import Parameter
 from tinysft.optim import AdamW, clip_grad_norm_
@@ -46,8 +51,8 @@ def make(seed=0):
     return values, grads
 
 
-def tinysft_params(values, grads):
-    params = [Parameter(v.copy()) for v in values]
+def tinysft_params(values, grads, engine=None):
+    params = [(engine.nn.Parameter if engine else Parameter)(v.copy()) for v in values]
     for p, g in zip(params, grads):
         p.grad = g.copy()
     return params
@@ -60,7 +65,13 @@ def torch_params(values, grads):
     return params
 
 
-def bench_adamw(values, grads, repeats):
+def then_and_now(what, old_fn, new_fn, ref, repeats):
+    """Time ``old_fn`` (the code as of ``ref``) against ``new_fn``, interleaved, and print the speed-up."""
+    old_s, now_s = _timing.compare(old_fn, new_fn, repeats=repeats)
+    print(f"{'':<40} {what} as of {ref}: {old_s * 1e3:.3f} ms, now {now_s * 1e3:.3f} ms ({old_s / now_s:.2f}x faster)")
+
+
+def bench_adamw(values, grads, repeats, old=None, ref=None):
     params = tinysft_params(values, grads)
     ours = AdamW(params, lr=LR)
     fns = {"tinysft": ours.step}
@@ -78,28 +89,32 @@ def bench_adamw(values, grads, repeats):
     # an AdamW step reads θ, g, m, v and writes θ, m, v: 7 × 4 bytes per element at the least
     print(f"{'':<40} tinysft moves ≥ {7 * 4 * elements / times['tinysft'] / 1e9:.1f} GB/s "
           f"(7 float32 reads/writes per element)")
+    if old is not None:
+        then_and_now("AdamW step", old.optim.AdamW(tinysft_params(values, grads, old), lr=LR).step, ours.step,
+                     ref, repeats)
 
 
-def bench_clip(values, grads, repeats):
+def clipping(clip, params, norm):
+    """A call of ``clip(params, max_norm)`` that lowers ``max_norm`` (from 0.999 · ``norm``) by 0.1% each time."""
+    budget = [norm * 0.999]
+
+    def call():
+        clip(params, budget[0])
+        budget[0] *= 0.999
+    return call
+
+
+def bench_clip(values, grads, repeats, old=None, ref=None):
     params = tinysft_params(values, grads)
     reference = math.sqrt(sum(float(np.dot(g.ravel().astype(np.float64), g.ravel().astype(np.float64)))
                               for g in grads))
     ours_norm = clip_grad_norm_(params, math.inf)  # nothing is scaled with an infinite max_norm
-    budget = {"tinysft": ours_norm * 0.999, "torch": None}
-
-    def ours():
-        clip_grad_norm_(params, budget["tinysft"])
-        budget["tinysft"] *= 0.999
-
+    ours = clipping(clip_grad_norm_, params, ours_norm)
     theirs = theirs_norm = None
     if torch:
         tparams = torch_params(values, grads)
         theirs_norm = float(torch.nn.utils.clip_grad_norm_(tparams, math.inf))  # scales by 1
-        budget["torch"] = theirs_norm * 0.999
-
-        def theirs():
-            torch.nn.utils.clip_grad_norm_(tparams, budget["torch"])
-            budget["torch"] *= 0.999
+        theirs = clipping(torch.nn.utils.clip_grad_norm_, tparams, theirs_norm)
 
     ours_s, theirs_s = _timing.compare(ours, theirs, repeats=repeats)
     _timing.row("clip_grad_norm_ (norm + scale)", ours_s, theirs_s)
@@ -107,6 +122,10 @@ def bench_clip(values, grads, repeats):
     if torch:
         text += f", torch {(theirs_norm - reference) / reference:+.1e}"
     print(text)
+    if old is not None:
+        old_params = tinysft_params(values, grads, old)
+        then_and_now("clip_grad_norm_", clipping(old.optim.clip_grad_norm_, old_params, ours_norm), ours,
+                     ref, repeats)
 
 
 def profile(values, grads, steps, top=15):
@@ -120,12 +139,17 @@ if __name__ == "__main__":
     parser.add_argument("--repeats", type=int, default=15, help="timed calls per variant (default 15)")
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
                         help="afterwards, cProfile this many tinysft AdamW steps")
+    parser.add_argument("--ref", help="also time the optimizer and clipping as of this git commit")
     args = parser.parse_args()
     _timing.header("bench_optimizer: AdamW and clip_grad_norm_ over MiniLM-L6-shaped parameters, "
                    "tinysft vs PyTorch CPU (ratio = tinysft time / torch time)", torch)
     values, grads = make()
     print(f"# {len(values)} float32 tensors, {sum(v.size for v in values):,} numbers")
-    bench_adamw(values, grads, args.repeats)
-    bench_clip(values, grads, args.repeats)
+    old = engine_at(args.ref) if args.ref else None
+    if old:
+        for module in ("nn", "optim"):  # old.nn, old.optim
+            importlib.import_module(f"{old.__name__}.{module}")
+    bench_adamw(values, grads, args.repeats, old, args.ref)
+    bench_clip(values, grads, args.repeats, old, args.ref)
     if args.profile:
         profile(values, grads, args.profile)

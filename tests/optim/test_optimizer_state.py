@@ -195,7 +195,8 @@ def test_piecewise_update_is_bit_identical_to_whole_arrays(name, workers, monkey
     """Large parameters are updated in cache-sized pieces, shared out over threads; neither the
     pieces nor the threads may change a bit.
 
-    Also covers a non-contiguous parameter (a transposed view), which is updated whole.
+    Also covers a float64 parameter among float32 ones and a non-contiguous parameter (a
+    transposed view), which is updated whole.
     """
     from tinysft import threads
     from tinysft.optim import optimizer
@@ -205,6 +206,7 @@ def test_piecewise_update_is_bit_identical_to_whole_arrays(name, workers, monkey
 
     def fresh():
         params = make_params(3, shapes)
+        params[1] = tinysft.tensor(params[1].data.astype(np.float64), requires_grad=True)
         params[2] = tinysft.tensor(np.ascontiguousarray(params[2].data.T).T, requires_grad=True)
         return params
 
@@ -230,3 +232,18 @@ def test_piecewise_update_is_bit_identical_to_whole_arrays(name, workers, monkey
     assert (len(seen) > 1) == (workers > 1)  # blocks after the first go to the pool's threads
     for p, q in zip(whole, pieces):
         np.testing.assert_array_equal(p.data, q.data)
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_a_float64_parameter_among_float32_ones_keeps_its_precision(name):
+    """Work buffers are per dtype: a float32 neighbour's must not round a float64 update.
+    The same float64 parameter is updated beside a float32 one, then beside one without a gradient."""
+    rng = np.random.default_rng(5)
+    shapes = [(6, 5), (7,), (3,)]
+    grads = [[rng.standard_normal(s) for s in shapes] for _ in range(3)]
+    mixed = make_params(5, shapes)
+    mixed[1] = tinysft.tensor(rng.standard_normal(7), requires_grad=True)  # float64
+    alone = [tinysft.tensor(p.data.copy(), requires_grad=True) for p in mixed]
+    run(OPTIMIZERS[name], mixed, grads)
+    run(OPTIMIZERS[name], alone, [[None, g[1], None] for g in grads])
+    np.testing.assert_array_equal(mixed[1].data, alone[1].data)

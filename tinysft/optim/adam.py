@@ -12,7 +12,8 @@ One implementation; ``decoupled_weight_decay`` chooses how weight decay λ acts
 
 ε is added outside the square root, after bias correction, as in PyTorch.
 The update runs in place on ``p.data``, piece by cache-sized piece, with two
-reusable work buffers.
+reusable work buffers; ``step()`` shares the pieces of all parameters out over
+the CPU's cores (``Optimizer._run_queued``).
 """
 import math
 

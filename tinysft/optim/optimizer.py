@@ -4,12 +4,15 @@ As in PyTorch, ``param_groups`` is a list of dicts, each holding ``params`` and
 its own hyper-parameters (filled from the optimizer's defaults). ``step()``
 reads the dicts every time, so learning-rate schedules and per-layer rates are
 plain edits to them. Subclasses write one method, ``_update(p, grad, state,
-group)``, which changes ``p.data`` in place.
+group)``, which hands ``_foreach_piece`` the elementwise update of ``p.data``;
+``step()`` then runs all of them over the CPU's cores in one go.
 
 Parameters are duck-typed: anything with ``.data`` (a NumPy or CuPy array),
 ``.grad`` (an array of the same shape, or ``None``) and ``.xp`` works.
 """
+import bisect
 import copy
+import itertools
 import threading
 
 from ..backend import device_of, to_device
@@ -17,7 +20,7 @@ from ..threads import map_rows
 from .regularization import init_penalty
 
 CHUNK = 1 << 17
-"""Elements per piece in ``Optimizer._chunks``: a piece of each array (512 KB of float32)
+"""Elements per piece in ``Optimizer._run_queued``: a piece of each array (512 KB of float32)
 stays in cache through all the passes of an update, which halves an AdamW step on the CPU."""
 
 
@@ -59,6 +62,7 @@ class Optimizer:
         self.param_groups = []
         self.state = ParamState()
         self._buffers = threading.local()  # each thread's scratch arrays, freed with the thread
+        self._queued = []  # (update, flat arrays, work buffers) for _run_queued
         groups = list(params)
         if not groups:
             raise ValueError("optimizer got an empty parameter list")
@@ -111,40 +115,59 @@ class Optimizer:
     def step(self, closure=None):
         """Update every parameter that has a gradient; returns ``closure()`` if given."""
         loss = closure() if closure is not None else None
+        self._queued = []
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None:
                     self._update(p, p.grad, self.state[p], group)
+        self._run_queued()
         return loss
 
     def _update(self, p, grad, state, group):
         raise NotImplementedError
 
     def _foreach_piece(self, update, *arrays, work=2):
-        """``update(*pieces, *buffers)`` over matching flat pieces of ``arrays``, in place.
+        """Have ``update(*pieces, *buffers)`` run over matching flat pieces of ``arrays``, in place,
+        before ``step()`` returns. For ``_update``, which states its math once, on pieces.
 
-        ``None`` entries stay ``None``; ``buffers`` are ``work`` scratch arrays shaped like
-        the pieces. On the CPU the arrays are cut into ``CHUNK``-element pieces, so that a
-        piece of every array stays in cache through all the passes of an update, and the
-        pieces are shared out over the cores in contiguous blocks (``threads.map_rows``:
-        NumPy's ufuncs release the GIL). Each thread has its own buffers. The update is
-        elementwise, so neither the pieces nor the blocks change a bit of the result.
-
-        Whole arrays on a GPU (one kernel per op is best there) or when any is not contiguous.
+        ``None`` entries stay ``None``; ``buffers`` are ``work`` scratch arrays shaped like the
+        pieces. On a GPU (one kernel per op is best there), or when any array is not contiguous,
+        ``update`` runs now on the whole arrays; otherwise the call is queued for ``_run_queued``.
         """
         present = [a for a in arrays if a is not None]
         if device_of(present[0]) == "cuda" or not all(a.flags.c_contiguous for a in present):
             update(*arrays, *(self._scratch(present[0], slot) for slot in range(work)))
+        else:
+            self._queued.append((update, [None if a is None else a.reshape(-1) for a in arrays], work))
+
+    def _run_queued(self):
+        """Run the queued CPU updates of this step.
+
+        Their arrays, end to end, form one range of elements. ``threads.map_rows`` cuts it into
+        one contiguous block per thread (NumPy's ufuncs release the GIL), so a step waits for
+        the threads once, not once per parameter; each block runs its part of each array in
+        ``CHUNK``-element pieces, so that a piece of every array stays in cache through all the
+        passes of an update. Each thread has its own buffers. The updates are elementwise, so
+        neither the pieces nor the blocks change a bit of the result.
+        """
+        queued, self._queued = self._queued, []
+        if not queued:
             return
-        flats = [None if a is None else a.reshape(-1) for a in arrays]
+        sizes = [flats[0].size for _, flats, _ in queued]
+        ends = list(itertools.accumulate(sizes))  # queued[k] holds elements [ends[k] - sizes[k], ends[k])
 
         def block(start, stop):
-            buffers = [self._scratch(flats[0][:CHUNK], slot) for slot in range(work)]
-            for i in range(start, stop, CHUNK):
-                j = min(i + CHUNK, stop)
-                update(*(None if f is None else f[i:j] for f in flats), *(b[:j - i] for b in buffers))
+            k = bisect.bisect_right(ends, start)  # the first array that reaches past start
+            while k < len(queued) and ends[k] - sizes[k] < stop:
+                (update, flats, work), offset = queued[k], ends[k] - sizes[k]
+                lo, hi = max(start, offset) - offset, min(stop, ends[k]) - offset  # the block's part of it
+                buffers = [self._scratch(flats[0][:CHUNK], slot) for slot in range(work)]
+                for i in range(lo, hi, CHUNK):
+                    j = min(i + CHUNK, hi)
+                    update(*(None if f is None else f[i:j] for f in flats), *(b[:j - i] for b in buffers))
+                k += 1
 
-        map_rows(block, present[0].size)
+        map_rows(block, ends[-1])
 
     def _scratch(self, like, slot=0):
         """A reusable work array shaped like ``like`` (no fresh allocation per step), one per thread."""
