@@ -8,7 +8,7 @@ rest use array ops. On NumPy the squared norm is summed in float64 from float32
 dots over 64K-element chunks: relative error ~1e-9, where one float32 dot over
 everything gives ~1e-4. Both passes (the dots, then the scaling) are memory-bound,
 and one core streams about half of what two do, so on NumPy they are shared out
-over the cores (``threads.map_rows``); the chunk dots come back in order and are
+over the cores (``spans.map_spans``); the chunk dots come back in order and are
 added in that order, so the norm has the same bits for every thread count.
 """
 import math
@@ -16,7 +16,7 @@ import math
 import numpy as np
 
 from ..backend import device_of, xp_for
-from ..threads import map_rows
+from .spans import map_spans
 
 _CHUNK = 1 << 16
 
@@ -50,8 +50,7 @@ def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0,
     scale = max_norm / (total + 1e-6)
     if not scaled and not scale >= 1.0:  # also true for a nan scale
         with np.errstate(invalid="ignore"):  # inf · 0 = nan, as in PyTorch
-            for g in grads:
-                _scale(g, scale)
+            _scale(grads, scale)
     return total
 
 
@@ -74,38 +73,40 @@ def _total_norm(grads, norm_type: float, xp) -> float:
         maxima = [float(xp.abs(g).max()) for g in grads if g.size]
         return math.nan if any(map(math.isnan, maxima)) else max(maxima, default=0.0)
     if norm_type == 2.0:
-        return math.sqrt(sum(_squared_norm(g, xp) for g in grads))
+        return math.sqrt(sum(_squared_norms(grads, xp)))
     if norm_type <= 0:
         raise ValueError(f"norm_type must be positive or inf, got {norm_type}")
     total = sum(float((xp.abs(g.astype(xp.float64)) ** norm_type).sum()) for g in grads)
     return total ** (1.0 / norm_type)
 
 
-def _squared_norm(g, xp) -> float:
-    """Σg² in float64: float32 dots over chunks (fast, exact enough), other dtypes cast to float64."""
-    flat = g.reshape(-1)
-    if flat.dtype != xp.float32:
-        flat = flat.astype(xp.float64, copy=False)
-        return float(xp.dot(flat, flat))
+def _squared_norms(grads, xp) -> list:
+    """``[Σg² for g in grads]`` in float64: a float32 gradient as float32 dots over ``_CHUNK``-element
+    chunks (fast, exact enough) added in chunk order, other dtypes as one float64 dot."""
+    flats = [g.reshape(-1) if g.dtype == xp.float32 else g.reshape(-1).astype(xp.float64) for g in grads]
+    chunk = [_CHUNK if f.dtype == xp.float32 else max(f.size, 1) for f in flats]
 
-    def dots(first, stop):  # chunks [first, stop)
-        return [float(xp.dot(c, c)) for c in (flat[i * _CHUNK:(i + 1) * _CHUNK] for i in range(first, stop))]
+    def dots(k, first, stop):  # chunks [first, stop) of gradient k
+        pieces = (flats[k][i * chunk[k]:(i + 1) * chunk[k]] for i in range(first, stop))
+        return [float(xp.dot(c, c)) for c in pieces]
 
-    return sum(d for block in _map_blocks(dots, -(-flat.size // _CHUNK), _CHUNK, xp) for d in block)
-
-
-def _scale(g, scale: float) -> None:
-    """g ← scale·g, in place."""
-    if not g.flags.c_contiguous:
-        g *= scale
-        return
-    flat, xp = g.reshape(-1), xp_for(device_of(g))
-    _map_blocks(lambda start, stop: xp.multiply(flat[start:stop], scale, out=flat[start:stop]), flat.size, 1, xp)
+    sums = [0.0] * len(grads)
+    for k, part in map_spans(dots, [-(-f.size // c) for f, c in zip(flats, chunk)], _CHUNK, xp is np):
+        for d in part:
+            sums[k] += d
+    return sums
 
 
-def _map_blocks(fn, n: int, row_cost: int, xp) -> list:
-    """``threads.map_rows`` on NumPy; on a GPU, whose kernels run one after another anyway, one call."""
-    return map_rows(fn, n, row_cost) if xp is np else [fn(0, n)]
+def _scale(grads, scale: float) -> None:
+    """g ← scale·g for every gradient, in place."""
+    flats = [g.reshape(-1) for g in grads if g.flags.c_contiguous]
+    for g in grads:
+        if not g.flags.c_contiguous:
+            g *= scale
+    if flats:
+        xp = xp_for(device_of(flats[0]))
+        map_spans(lambda k, lo, hi: xp.multiply(flats[k][lo:hi], scale, out=flats[k][lo:hi]),
+                  [f.size for f in flats], parallel=xp is np)
 
 
 def _grads(parameters):

@@ -10,14 +10,12 @@ group)``, which hands ``_foreach_piece`` the elementwise update of ``p.data``;
 Parameters are duck-typed: anything with ``.data`` (a NumPy or CuPy array),
 ``.grad`` (an array of the same shape, or ``None``) and ``.xp`` works.
 """
-import bisect
 import copy
-import itertools
 import threading
 
 from ..backend import device_of, to_device
-from ..threads import map_rows
 from .regularization import init_penalty
+from .spans import map_spans
 
 CHUNK = 1 << 17
 """Elements per piece in ``Optimizer._run_queued``: a piece of each array (512 KB of float32)
@@ -143,31 +141,22 @@ class Optimizer:
     def _run_queued(self):
         """Run the queued CPU updates of this step.
 
-        Their arrays, end to end, form one range of elements. ``threads.map_rows`` cuts it into
-        one contiguous block per thread (NumPy's ufuncs release the GIL), so a step waits for
-        the threads once, not once per parameter; each block runs its part of each array in
+        ``map_spans`` shares their arrays out over the threads (NumPy's ufuncs release the GIL)
+        with one wait per step, not one per parameter; each thread runs its part of each array in
         ``CHUNK``-element pieces, so that a piece of every array stays in cache through all the
         passes of an update. Each thread has its own buffers. The updates are elementwise, so
         neither the pieces nor the blocks change a bit of the result.
         """
         queued, self._queued = self._queued, []
-        if not queued:
-            return
-        sizes = [flats[0].size for _, flats, _ in queued]
-        ends = list(itertools.accumulate(sizes))  # queued[k] holds elements [ends[k] - sizes[k], ends[k])
 
-        def block(start, stop):
-            k = bisect.bisect_right(ends, start)  # the first array that reaches past start
-            while k < len(queued) and ends[k] - sizes[k] < stop:
-                (update, flats, work), offset = queued[k], ends[k] - sizes[k]
-                lo, hi = max(start, offset) - offset, min(stop, ends[k]) - offset  # the block's part of it
-                buffers = [self._scratch(flats[0][:CHUNK], slot) for slot in range(work)]
-                for i in range(lo, hi, CHUNK):
-                    j = min(i + CHUNK, hi)
-                    update(*(None if f is None else f[i:j] for f in flats), *(b[:j - i] for b in buffers))
-                k += 1
+        def part(k, lo, hi):  # elements [lo, hi) of the k-th queued update's arrays
+            update, flats, work = queued[k]
+            buffers = [self._scratch(flats[0][:CHUNK], slot) for slot in range(work)]
+            for i in range(lo, hi, CHUNK):
+                j = min(i + CHUNK, hi)
+                update(*(None if f is None else f[i:j] for f in flats), *(b[:j - i] for b in buffers))
 
-        map_rows(block, ends[-1])
+        map_spans(part, [flats[0].size for _, flats, _ in queued])
 
     def _scratch(self, like, slot=0):
         """A reusable work array shaped like ``like`` (no fresh allocation per step), one per thread."""
