@@ -51,13 +51,29 @@ def tanh(x: Tensor) -> Tensor:
     return x.tanh()
 
 
+def _column_sums(xp, rows, factor=None):
+    """Σ over the N rows of ``rows`` (N, D) (times ``factor`` (N, D) first, when given) → (D,).
+
+    Computed over blocks of columns on the cores (``split_rows``), each column summed over all
+    N rows as one call would, so the result is the same for any thread count."""
+    total = xp.empty(rows.shape[1], dtype=rows.dtype)
+
+    def block(start, stop):
+        part = rows[:, start:stop] if factor is None else rows[:, start:stop] * factor[:, start:stop]
+        xp.sum(part, axis=0, out=total[start:stop])
+
+    split_rows(xp, block, rows.shape[1], rows.shape[0])
+    return total
+
+
 # ----- affine map -----
 def linear(x: Tensor, weight: Tensor, bias: Tensor = None) -> Tensor:
     """y = x Wᵀ + b over the last axis: x (..., in), W (out, in), b (out,) → (..., out).
 
     The leading axes fold into one GEMM over N rows, and b is added in place on
-    its fresh output. Backward (fused), with g the (N, out) upstream gradient:
-      dx = g W;  dW = gᵀ x;  db = Σ_rows g.
+    its fresh output, over blocks of rows on the cores. Backward (fused), with g the
+    (N, out) upstream gradient:
+      dx = g W;  dW = gᵀ x;  db = Σ_rows g   (db over blocks of columns: ``_column_sums``).
     """
     weight = lift(weight, x)
     out_features, in_features = weight.shape if weight.ndim == 2 else (None, None)
@@ -67,10 +83,13 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor = None) -> Tensor:
         bias = lift(bias, x)
         if bias.shape != (out_features,):
             raise ShapeError(f"linear: bias of shape {bias.shape} for a weight of shape {weight.shape}")
+    xp = x.xp
     flat = x.data.reshape(-1, in_features)  # (N, in)
     value = flat @ weight.data.T  # (N, out); W.T is a view, BLAS reads it transposed
     if bias is not None:
-        value += bias.data
+        def add_bias(start, stop):  # rows [start, stop)
+            xp.add(value[start:stop], bias.data, out=value[start:stop])
+        split_rows(xp, add_bias, len(value), out_features)
     params = (x, weight) if bias is None else (x, weight, bias)
     out = make_node(value.reshape(*x.shape[:-1], out_features), params, "linear")
     if out.requires_grad:
@@ -81,7 +100,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor = None) -> Tensor:
             if weight.requires_grad:
                 weight.accumulate_grad(g.T @ flat, owned=True)
             if bias is not None and bias.requires_grad:
-                bias.accumulate_grad(g.sum(axis=0), owned=True)
+                bias.accumulate_grad(_column_sums(xp, g), owned=True)
         out.backward_fn = backward_fn
     return out
 
@@ -123,9 +142,8 @@ def layer_norm(x: Tensor, weight=None, bias=None, eps: float = 1e-5) -> Tensor:
     Backward (fused), with x̂ the normalised input, D the width, r = 1/√(σ²+ε):
       dx̂ = g·w;  dx = r/D · (D·dx̂ − Σdx̂ − x̂·Σ(dx̂·x̂));  dw = Σ g·x̂;  db = Σ g.
     Each row is its own problem, so the forward and dx run over blocks of rows on the cores
-    (``split_rows``: these are single-threaded ufunc passes); dw and db, sums over the rows, run
-    over blocks of columns, each column summed over all rows as one call would, so the result
-    is the same for any thread count. x̂ (N, D) and r (N, 1) are kept for the backward.
+    (``split_rows``: these are single-threaded ufunc passes); dw and db, sums over the rows, over
+    blocks of columns (``_column_sums``). x̂ (N, D) and r (N, 1) are kept for the backward.
     """
     xp = x.xp
     width = x.shape[-1]
@@ -169,21 +187,10 @@ def layer_norm(x: Tensor, weight=None, bias=None, eps: float = 1e-5) -> Tensor:
 
                 split_rows(xp, dx_block, count, width)
                 x.accumulate_grad(dx.reshape(x.shape), owned=True)
-            dw = xp.empty(width, dtype=rows.dtype) if weight is not None and weight.requires_grad else None
-            db = xp.empty(width, dtype=rows.dtype) if bias is not None and bias.requires_grad else None
-
-            def column_block(start, stop):  # columns [start, stop), each summed over all N rows
-                columns = (slice(None), slice(start, stop))
-                if dw is not None:
-                    xp.sum(grad[columns] * normed[columns], axis=0, out=dw[start:stop])
-                if db is not None:
-                    xp.sum(grad[columns], axis=0, out=db[start:stop])
-
-            if dw is not None or db is not None:
-                split_rows(xp, column_block, width, count)
-            for param, param_grad in ((weight, dw), (bias, db)):
-                if param_grad is not None:
-                    param.accumulate_grad(param_grad, owned=True)
+            if weight is not None and weight.requires_grad:
+                weight.accumulate_grad(_column_sums(xp, grad, normed), owned=True)
+            if bias is not None and bias.requires_grad:
+                bias.accumulate_grad(_column_sums(xp, grad), owned=True)
         out.backward_fn = backward_fn
     return out
 
@@ -420,8 +427,8 @@ def cross_entropy(logits: Tensor, target, ignore_index: int = -100, label_smooth
     if not z_loss >= 0.0:
         raise ValueError(f"cross_entropy: z_loss must be ≥ 0, got {z_loss}")
     xp = logits.xp
-    if logits.ndim < 1:
-        raise ShapeError(f"cross_entropy: logits must have a class axis, got shape {logits.shape}")
+    if logits.ndim < 1 or logits.shape[-1] == 0:
+        raise ShapeError(f"cross_entropy: logits must have a class axis of at least one class, got shape {logits.shape}")
     classes = logits.shape[-1]
     rows = logits.data.reshape(-1, classes)  # (N, C)
     target, valid = _class_targets(target, logits.shape[:-1], classes, ignore_index, xp,

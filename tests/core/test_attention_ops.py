@@ -1,4 +1,5 @@
-"""The attention and pooling ops of tinysft.functional: values against NumPy, gradchecks."""
+"""The attention, pooling and threaded encoder ops of tinysft.functional: values against NumPy or the
+composition of primitives, gradchecks, and the same bits at every thread count."""
 import numpy as np
 import pytest
 from hypothesis import given
@@ -136,9 +137,19 @@ def gelu_step():
     return [out.numpy(), x.grad]
 
 
-@pytest.mark.parametrize("step", [attention_step, layer_norm_step, gelu_step])
+def linear_step():
+    rng = np.random.default_rng(0)
+    x = tinysft.tensor(rng.standard_normal((300, 64)).astype(np.float32), requires_grad=True)
+    w = tinysft.tensor(rng.standard_normal((384, 64)).astype(np.float32), requires_grad=True)
+    b = tinysft.tensor(rng.standard_normal(384).astype(np.float32), requires_grad=True)
+    out = F.linear(x, w, b)
+    out.backward(rng.standard_normal(out.shape).astype(np.float32))
+    return [out.numpy(), x.grad, w.grad, b.grad]
+
+
+@pytest.mark.parametrize("step", [attention_step, layer_norm_step, gelu_step, linear_step])
 def test_threaded_ops_give_the_same_bits_at_every_thread_count(step, thread_counts):
-    """Each op's work is split over row (or column, or chunk) blocks; every value is computed as in one call."""
+    """Each op's non-BLAS work is split over row (or column, or chunk) blocks; every value is computed as in one call."""
     first, *others = thread_counts(step)
     for other in others:
         for a, b in zip(first, other, strict=True):
