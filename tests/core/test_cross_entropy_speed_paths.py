@@ -203,3 +203,12 @@ def test_spare_gradient_is_reused_only_once_no_one_holds_it():
     assert not np.shares_memory(first.grad, second.grad)
     np.testing.assert_allclose(first.grad, expected, atol=1e-7)
     np.testing.assert_allclose(second.grad, expected, atol=1e-7)
+
+
+def test_empty_batches_and_classless_logits():
+    x = tinysft.tensor(np.ones((0, 5), np.float32), requires_grad=True)
+    loss = F.cross_entropy(x, np.zeros(0, int), reduction="sum")
+    loss.backward()
+    assert loss.item() == 0.0 and x.grad.shape == (0, 5)
+    with pytest.raises(tinysft.ShapeError, match="at least one class"):
+        F.cross_entropy(tinysft.tensor(np.ones((3, 0))), np.full(3, IGNORE))
