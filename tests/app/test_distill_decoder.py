@@ -118,7 +118,8 @@ def test_refusals_before_any_folder(teacher, distilled, tmp_path):
     assert_user_error(run_cli(["distill", str(teacher), "--alpha", "2", *target]), "alpha = 2")
     assert_user_error(run_cli(["distill", str(teacher), "--batch-size", "3", "--accumulation", "2", *target]),
                       "batch_size = 3 is not divisible by accumulation = 2")
-    assert_user_error(run_cli(["distill", str(teacher), "--epochs", "0", "--max-steps", "0", *target]), "epochs = 0 and max_steps = 0")
+    assert_user_error(run_cli(["distill", str(teacher), "--epochs", "0", "--max-steps", "0", *target]),
+                      "epochs = 0 and max_steps = 0")
     assert_user_error(run_cli(["distill", str(teacher), "--max-steps", "1", *FLAGS, "--out", str(out)]),
                       "already holds a run", "--overwrite")
     assert not (tmp_path / "s").exists()

@@ -69,8 +69,8 @@ CLASSIFIER, DECODER = "classifier", "decoder"
 SPEED_EXAMPLES = 32  # test examples a decoder's forward speed is timed on
 
 # a decoder run's own defaults (sized for a few minutes on two CPU cores with SmolLM2-135M)
-DECODER_DEFAULTS = {"lr": 2e-4, "weight_decay": 0.0, "schedule": "cosine", "warmup_ratio": 0.05, "epochs": 1,
-                    "max_steps": 40, "batch_size": 8, "log_every": 5, "out": "runs/distilled-sft"}
+DECODER_DEFAULTS = {"weight_decay": 0.0, "schedule": "cosine", "warmup_ratio": 0.05, "epochs": 1,
+                    "max_steps": 40, "batch_size": 8, "out": "runs/distilled-sft"}
 DECODER_ONLY = ("accumulation", "eval_examples", "gguf_dtype")
 
 
@@ -79,7 +79,8 @@ def _for_decoders(setting: Setting) -> Setting:
     if setting.name in DECODER_ONLY:
         return dataclasses.replace(setting, help=f"decoder runs only: {setting.help}")
     if setting.name in DECODER_DEFAULTS:
-        return dataclasses.replace(setting, help=f"{setting.help} (decoder runs: {DECODER_DEFAULTS[setting.name]})")
+        default = DECODER_DEFAULTS[setting.name]
+        return dataclasses.replace(setting, help=f"{setting.help} (a decoder run's default: {default})")
     return setting
 
 
