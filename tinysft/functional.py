@@ -510,8 +510,9 @@ def _spare_gradient(shape, dtype):
     time when it is at most ``CE_SPARE_BYTES``).
 
     Why: a fresh (N, C) array costs its page faults on first write (a 62 MB gradient at
-    512×30522: 188 against 154 ms for the whole row routine), and the gradient handed to the logits dies before
-    the next step (a leaf's when ``.grad`` is cleared, an intermediate's after its backward).
+    512×30522: 188 against 154 ms for the whole row routine, measured under load), and the
+    gradient handed to the logits dies before the next step (a leaf's when ``.grad`` is
+    cleared, an intermediate's after its backward).
     Ownership is read from CPython's reference count: every holder — a tensor's ``.grad``,
     a view (its ``.base`` is the buffer), a backward closure — adds one, so a count of 2 (the
     cache's entry and the argument of ``getrefcount``) means no one else can see the memory.
