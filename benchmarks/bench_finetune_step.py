@@ -13,11 +13,14 @@ One step = forward, cross-entropy (mean), backward, AdamW step (lr 2e-5, weight 
 defaults of both libraries otherwise). PyTorch's AdamW is timed twice on the same model: its
 default (a per-tensor loop on the CPU) and ``fused=True``. Batches are B×T random token ids with
 random lengths in [T/2, T] (the rest padding). Also a forward-only timing (eval mode, no_grad).
-Per-phase medians (forward + loss, backward, optimizer) come from the same timed steps.
+Per-phase medians (forward + loss, backward, optimizer) come from the same timed steps, with
+the minor page faults of a step and the kernel time they cost (``getrusage``): every fresh
+array that the allocator maps anew is zeroed page by page by the kernel.
 """
 import argparse
 import math
 import os
+import resource
 import statistics
 import time
 
@@ -136,31 +139,41 @@ def check_same_logits(config, model, tmodel):
     print(f"# eval-mode logits agree: max |tinysft - torch| / max |torch| = {error:.1e}")
 
 
+def _faults():
+    """(minor page faults, kernel seconds) of this process so far."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_minflt, usage.ru_stime
+
+
 def tinysft_step(model, optimizer, ids, mask, labels, phases):
-    started = time.perf_counter()
+    faults, started = _faults(), time.perf_counter()
     optimizer.zero_grad()
     loss = F.cross_entropy(model(ids, mask), labels)
     forward = time.perf_counter()
     loss.backward()
     backward = time.perf_counter()
     optimizer.step()
-    phases.append((forward - started, backward - forward, time.perf_counter() - backward))
+    phases.append((forward - started, backward - forward, time.perf_counter() - backward,
+                   *(after - before for after, before in zip(_faults(), faults))))
 
 
 def torch_step(model, optimizer, ids, mask, labels, phases):
-    started = time.perf_counter()
+    faults, started = _faults(), time.perf_counter()
     optimizer.zero_grad()
     loss = torch.nn.functional.cross_entropy(model(ids, mask), labels)
     forward = time.perf_counter()
     loss.backward()
     backward = time.perf_counter()
     optimizer.step()
-    phases.append((forward - started, backward - forward, time.perf_counter() - backward))
+    phases.append((forward - started, backward - forward, time.perf_counter() - backward,
+                   *(after - before for after, before in zip(_faults(), faults))))
 
 
 def phase_text(phases):
     fwd, bwd, opt = (statistics.median(p[i] for p in phases) * 1e3 for i in range(3))
-    return f"fwd+loss {fwd:.0f} / bwd {bwd:.0f} / opt {opt:.0f} ms"
+    faults, kernel = (statistics.median(p[i] for p in phases) for i in (3, 4))
+    return (f"fwd+loss {fwd:.0f} / bwd {bwd:.0f} / opt {opt:.0f} ms; "
+            f"{faults:,.0f} page faults, {kernel * 1e3:.0f} ms kernel time")
 
 
 def bench_step(config, model, optimizer, tmodel, tdefault, tfused, b, t, repeats):

@@ -150,11 +150,14 @@ def layer_norm(x: Tensor, weight=None, bias=None, eps: float = 1e-5) -> Tensor:
     for name, p in (("weight", weight), ("bias", bias)):
         if p is not None and p.shape != (width,):
             raise ShapeError(f"layer_norm: {name} of shape {p.shape} for input of shape {x.shape}")
+    params = tuple(p for p in (weight, bias) if p is not None)
     rows = x.data.reshape(-1, width)  # (N, D)
     count = rows.shape[0]
     normed = xp.empty_like(rows)  # x̂ (N, D)
     rstd = xp.empty((count, 1), dtype=rows.dtype)  # r (N, 1)
-    value = normed if weight is None and bias is None else xp.empty_like(rows)  # y (N, D)
+    # y (N, D): over x̂ in place when no backward will need x̂ (one (N, D) array fewer)
+    keep = is_grad_enabled() and any(t.requires_grad for t in (x,) + params)
+    value = xp.empty_like(rows) if keep and params else normed
 
     def forward_block(start, stop):  # rows [start, stop)
         block = slice(start, stop)
@@ -167,7 +170,6 @@ def layer_norm(x: Tensor, weight=None, bias=None, eps: float = 1e-5) -> Tensor:
             xp.add(value[block] if weight is not None else centred, bias.data, out=value[block])
 
     split_rows(xp, forward_block, count, width)
-    params = tuple(p for p in (weight, bias) if p is not None)
     out = make_node(value.reshape(x.shape), (x,) + params, "layer_norm")
     if out.requires_grad:
         def backward_fn(g):

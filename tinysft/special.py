@@ -140,9 +140,12 @@ def _gelu_pair(x, approximate):
     return value, saved
 
 
-def gelu(x, approximate: str = "none"):
-    """(GELU(x), saved) — exact x·Φ(x), or ½x(1 + tanh u), u = √(2/π)(x + 0.044715x³)."""
-    return _chunked(lambda v: _gelu_pair(v, approximate), x)
+def gelu(x, approximate: str = "none", keep: bool = True):
+    """(GELU(x), saved) — exact x·Φ(x), or ½x(1 + tanh u), u = √(2/π)(x + 0.044715x³).
+    ``keep=False``: saved is None (no backward will need it; one full-size array fewer)."""
+    if keep:
+        return _chunked(lambda v: _gelu_pair(v, approximate), x)
+    return _chunked(lambda v: _gelu_pair(v, approximate)[:1], x)[0], None
 
 
 def _gelu_slope(x, saved, approximate):

@@ -391,7 +391,7 @@ class Tensor:
         from .special import gelu, gelu_backward
         if approximate not in ("none", "tanh"):
             raise ValueError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
-        value, saved = gelu(self.data, approximate)
+        value, saved = gelu(self.data, approximate, keep=_grad_enabled and self.requires_grad)
         out = make_node(value, (self,), "gelu")
         if out.requires_grad:
             out.backward_fn = lambda grad: self.accumulate_grad(

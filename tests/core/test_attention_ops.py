@@ -154,3 +154,15 @@ def test_threaded_ops_give_the_same_bits_at_every_thread_count(step, thread_coun
     for other in others:
         for a, b in zip(first, other, strict=True):
             np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("op", [lambda x: F.gelu(x), lambda x: F.gelu(x, "tanh"),
+                                lambda x: F.layer_norm(x, tinysft.tensor(np.linspace(0.5, 2.0, 384, dtype=np.float32)),
+                                                       tinysft.tensor(np.linspace(-1.0, 1.0, 384, dtype=np.float32))),
+                                lambda x: F.layer_norm(x)])
+def test_without_a_graph_the_ops_keep_less_and_give_the_same_values(op):
+    """Under no_grad GELU keeps no Φ and layer_norm writes y over x̂: the values must not change."""
+    x = np.random.default_rng(0).standard_normal((300, 384)).astype(np.float32)
+    with_graph = op(tinysft.tensor(x, requires_grad=True)).numpy()
+    with tinysft.no_grad():
+        np.testing.assert_array_equal(op(tinysft.tensor(x, requires_grad=True)).numpy(), with_graph)
