@@ -17,7 +17,7 @@ the CPU's cores (``Optimizer._run_queued``).
 """
 import math
 
-from .optimizer import Optimizer
+from .optimizer import Optimizer, scalar_type
 
 
 class Adam(Optimizer):
@@ -43,11 +43,9 @@ class Adam(Optimizer):
                 state["max_exp_avg_sq"] = p.xp.zeros_like(p.data)
         state["step"] += 1
         t = state["step"]
-        # m/(√v/b + ε) = b·m/(√v + ε·b), b = √(1 − β₂ᵗ): the bias correction costs no pass.
-        # Scalars of the parameter's dtype: NumPy takes them in half the time of Python floats,
-        # which matters at ~13 calls per piece.
+        # m/(√v/b + ε) = b·m/(√v + ε·b), b = √(1 − β₂ᵗ): the bias correction costs no pass
         bc2_sqrt = math.sqrt(1 - beta2 ** t)
-        c = p.data.dtype.type
+        c = scalar_type(p.data, grad)  # ~1 µs less per call, at 13 calls a piece
         b1, b1c, b2, b2c = c(beta1), c(1 - beta1), c(beta2), c(1 - beta2)
         shrink, l2, eps_b, step = c(1 - lr * wd), c(wd), c(eps * bc2_sqrt), c(lr / (1 - beta1 ** t) * bc2_sqrt)
         mul, add, xp = p.xp.multiply, p.xp.add, p.xp

@@ -60,7 +60,7 @@ class Optimizer:
         self.param_groups = []
         self.state = ParamState()
         self._buffers = threading.local()  # each thread's scratch arrays, freed with the thread
-        self._queued = []  # (update, flat arrays, work buffers) for _run_queued
+        self._queued = []  # (update, flat arrays, work buffers, their dtype's array) for _run_queued
         groups = list(params)
         if not groups:
             raise ValueError("optimizer got an empty parameter list")
@@ -124,19 +124,20 @@ class Optimizer:
     def _update(self, p, grad, state, group):
         raise NotImplementedError
 
-    def _foreach_piece(self, update, *arrays, work=2):
+    def _foreach_piece(self, update, *arrays, work=2, like=0):
         """Have ``update(*pieces, *buffers)`` run over matching flat pieces of ``arrays``, in place,
         before ``step()`` returns. For ``_update``, which states its math once, on pieces.
 
         ``None`` entries stay ``None``; ``buffers`` are ``work`` scratch arrays shaped like the
-        pieces. On a GPU (one kernel per op is best there), or when any array is not contiguous,
-        ``update`` runs now on the whole arrays; otherwise the call is queued for ``_run_queued``.
+        pieces, of ``arrays[like]``'s dtype. On a GPU (one kernel per op is best there), or when
+        any array is not contiguous, ``update`` runs now on the whole arrays; otherwise the call is
+        queued for ``_run_queued``.
         """
         present = [a for a in arrays if a is not None]
         if device_of(present[0]) == "cuda" or not all(a.flags.c_contiguous for a in present):
-            update(*arrays, *(self._scratch(present[0], slot) for slot in range(work)))
+            update(*arrays, *(self._scratch(arrays[like], slot) for slot in range(work)))
         else:
-            self._queued.append((update, [None if a is None else a.reshape(-1) for a in arrays], work))
+            self._queued.append((update, [None if a is None else a.reshape(-1) for a in arrays], work, like))
 
     def _run_queued(self):
         """Run the queued CPU updates of this step.
@@ -150,13 +151,13 @@ class Optimizer:
         queued, self._queued = self._queued, []
 
         def part(k, lo, hi):  # elements [lo, hi) of the k-th queued update's arrays
-            update, flats, work = queued[k]
-            buffers = [self._scratch(flats[0][:CHUNK], slot) for slot in range(work)]
+            update, flats, work, like = queued[k]
+            buffers = [self._scratch(flats[like][:CHUNK], slot) for slot in range(work)]
             for i in range(lo, hi, CHUNK):
                 j = min(i + CHUNK, hi)
                 update(*(None if f is None else f[i:j] for f in flats), *(b[:j - i] for b in buffers))
 
-        map_spans(part, [flats[0].size for _, flats, _ in queued])
+        map_spans(part, [flats[0].size for _, flats, _, _ in queued])
 
     def _scratch(self, like, slot=0):
         """A reusable work array shaped like ``like`` (no fresh allocation per step), one per thread."""
@@ -219,6 +220,13 @@ class Optimizer:
             mine.update({k: copy.deepcopy(v) for k, v in theirs.items() if k != "params"})
             mine["params"] = params
             init_penalty(mine)
+
+
+def scalar_type(data, grad):
+    """What to make an update's scalars with: ``data``'s dtype (NumPy takes ``multiply(a, np.float32(c),
+    out=a)`` in about half the time of ``multiply(a, c, out=a)`` with a Python float ``c``), or Python's
+    ``float`` when ``grad`` has another dtype, so that each operation rounds ``c`` to its own dtype."""
+    return data.dtype.type if grad.dtype == data.dtype else float
 
 
 def _to_param_backend(value, p, key):

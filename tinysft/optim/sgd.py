@@ -8,7 +8,7 @@ For each parameter θ with gradient g, at step t::
     g ← g + μb  if nesterov, else  g ← b
     θ ← θ − γg                                     (lr γ)
 """
-from .optimizer import Optimizer
+from .optimizer import Optimizer, scalar_type
 
 
 class SGD(Optimizer):
@@ -27,7 +27,7 @@ class SGD(Optimizer):
         first = mu and "momentum_buffer" not in state
         if first:
             state["momentum_buffer"] = p.xp.empty_like(p.data)
-        c = p.data.dtype.type  # scalars of the parameter's dtype (see Adam)
+        c = scalar_type(p.data, grad)
         rate, l2, mom, damp = c(lr), c(wd), c(mu), c(1 - tau)
         mul, add = p.xp.multiply, p.xp.add
 
@@ -42,4 +42,4 @@ class SGD(Optimizer):
                 d = add(d, mul(buf, mom, out=work), out=work) if group["nesterov"] else buf
             theta -= mul(d, rate, out=work)
 
-        self._foreach_piece(piece, p.data, grad, state["momentum_buffer"] if mu else None)
+        self._foreach_piece(piece, p.data, grad, state["momentum_buffer"] if mu else None, like=1)  # g's dtype
