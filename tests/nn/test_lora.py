@@ -113,6 +113,14 @@ def test_the_fused_node_matches_finite_differences_under_a_fixed_mask(lead, n_in
     np.testing.assert_allclose(y, x @ w.T + (inputs[4] if bias else 0) + 1.7 * (d @ a.T) @ b.T, rtol=1e-12, atol=1e-12)
 
 
+def test_the_fused_node_names_what_does_not_fit():
+    x, w, a, b = np.ones((2, 3)), np.ones((4, 3)), np.ones((2, 3)), np.ones((4, 2))
+    with pytest.raises(ValueError, match=r"input \(2, 3\), W \(4, 3\), A \(2, 4\), B \(4, 2\) do not fit"):
+        lora_linear(tinysft.tensor(x), w, None, np.ones((2, 4)), b, 1.0)
+    with pytest.raises(ValueError, match=r"keep mask of shape \(3, 2\) for an input of shape \(2, 3\)"):
+        lora_linear(tinysft.tensor(x), w, None, a, b, 1.0, np.ones((3, 2), bool))
+
+
 def composed(layer, x, generator):
     """The layer as F.linear, F.dropout and an addition, each its own node."""
     u = F.linear(F.dropout(x, layer.lora_dropout.p, True, generator), layer.lora_A.weight) * layer.scaling

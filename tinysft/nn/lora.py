@@ -37,7 +37,7 @@ import numpy as np
 
 from .. import functional as F
 from ..rng import generator as default_generator
-from ..tensor import Tensor, lift, make_node
+from ..tensor import ShapeError, Tensor, lift, make_node
 from .layers import Dropout, Linear
 from .module import Module
 
@@ -154,10 +154,10 @@ def lora_linear(x: Tensor, weight: Tensor, bias, a: Tensor, b: Tensor, scaling: 
     out_features, in_features = weight.shape
     if x.ndim == 0 or x.shape[-1] != in_features or a.shape[1:] != (in_features,) or \
             b.shape != (out_features, a.shape[0]):
-        raise ValueError(f"lora_linear: input {x.shape}, W {weight.shape}, A {a.shape}, B {b.shape} do not fit "
+        raise ShapeError(f"lora_linear: input {x.shape}, W {weight.shape}, A {a.shape}, B {b.shape} do not fit "
                          "(need x (..., in), W (out, in), A (r, in), B (out, r))")
     if keep is not None and tuple(keep.shape) != x.shape:
-        raise ValueError(f"lora_linear: keep mask of shape {tuple(keep.shape)} for an input of shape {x.shape}")
+        raise ShapeError(f"lora_linear: keep mask of shape {tuple(keep.shape)} for an input of shape {x.shape}")
     xp = x.xp
     flat = x.data.reshape(-1, in_features)  # (N, in)
     mask = None if keep is None else xp.asarray(keep, dtype=bool).reshape(-1, in_features)  # (N, in)
