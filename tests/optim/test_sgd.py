@@ -77,3 +77,13 @@ def test_sgd_does_not_touch_the_gradient():
 def test_sgd_rejects_bad_hyperparameters(kwargs):
     with pytest.raises(ValueError):
         SGD([tinysft.tensor([1.0], requires_grad=True)], **kwargs)
+
+
+def test_a_float64_gradient_on_a_float32_parameter_is_applied_in_float64():
+    """θ − γg with g in float64 is computed in float64 (γ not rounded to float32), then stored as float32."""
+    rng = np.random.default_rng(11)
+    theta, grad = rng.standard_normal(300).astype(np.float32), rng.standard_normal(300)
+    p = tinysft.tensor(theta.copy(), requires_grad=True)
+    p.grad = grad.copy()
+    SGD([p], lr=0.1).step()
+    np.testing.assert_array_equal(p.data, (theta.astype(np.float64) - 0.1 * grad).astype(np.float32))
