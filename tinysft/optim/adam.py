@@ -64,7 +64,7 @@ class Adam(Optimizer):
                 v = xp.maximum(v_max, v, out=v_max)             # v stands for v̂max from here
             add(xp.sqrt(v, out=work), eps_b, out=work)          # √v + ε·b
             xp.divide(m, work, out=work)
-            theta -= mul(work, step, out=work)                  # θ ← θ − γ/(1 − β₁ᵗ) · b·m/(√v + ε·b)
+            theta -= mul(work, step, out=work)                  # θ ← θ − γ/(1 − β₁ᵗ)·b·m/(√v + εb)
 
         self._foreach_piece(piece, p.data, grad, state["exp_avg"], state["exp_avg_sq"],
                             state.get("max_exp_avg_sq") if amsgrad else None)
