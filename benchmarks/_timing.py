@@ -12,11 +12,15 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ[_var] = str(THREADS)
 
 import cProfile
+import importlib
+import io
 import json
 import platform
 import pstats
 import statistics
 import subprocess
+import tarfile
+import tempfile
 import time
 
 import numpy as np
@@ -147,3 +151,18 @@ def run_child(script: str, child_args: list, threads: int, what: str) -> dict:
         sys.stderr.write(out.stderr)
         raise SystemExit(f"{what} at {threads} threads failed (exit {out.returncode})")
     return json.loads(next(line for line in lines if line.startswith("RESULT "))[len("RESULT "):])
+
+
+def engine_at(ref):
+    """The tinysft package as of git commit ``ref``, imported beside the current one as
+    ``tinysft_at_<ref>`` (the engine's modules import each other relatively, so the renamed
+    copy is self-contained: its Tensor, its functional, its backend)."""
+    archive = subprocess.run(["git", "archive", "--format=tar", ref, "tinysft"], cwd=_ROOT, check=True,
+                             capture_output=True).stdout
+    folder = tempfile.mkdtemp()
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(folder, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))  # 3.11.4+
+    name = f"tinysft_at_{ref}"
+    os.rename(os.path.join(folder, "tinysft"), os.path.join(folder, name))
+    sys.path.insert(0, folder)
+    return importlib.import_module(name)

@@ -9,14 +9,7 @@ between calls in both libraries. Each case first checks that the two agree. Each
 with the minor page faults per call of each library (fresh large buffers fault on first write).
 """
 import argparse
-import importlib
-import io
-import os
 import resource
-import subprocess
-import sys
-import tarfile
-import tempfile
 
 import _timing  # first: pins BLAS threads before NumPy loads
 import numpy as np
@@ -26,22 +19,6 @@ from tinysft import functional as F
 
 torch = _timing.load_torch()
 CASES = [(512, 30522), (4096, 1000), (64, 50257), (8192, 32)]
-
-
-def engine_at(ref):
-    """The tinysft package as of git commit ``ref``, imported beside the current one as
-    ``tinysft_at_<ref>`` (the engine's modules import each other relatively, so the renamed
-    copy is self-contained: its Tensor, its functional, its backend)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    archive = subprocess.run(["git", "archive", "--format=tar", ref, "tinysft"], cwd=root, check=True,
-                             capture_output=True).stdout
-    folder = tempfile.mkdtemp()
-    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-        tar.extractall(folder, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))  # 3.11.4+
-    name = f"tinysft_at_{ref}"
-    os.rename(os.path.join(folder, "tinysft"), os.path.join(folder, name))
-    sys.path.insert(0, folder)
-    return importlib.import_module(name)
 
 
 def faults_per_call(fn, calls=5):
@@ -94,6 +71,6 @@ if __name__ == "__main__":
     parser.add_argument("--ref", help="also time the engine (tensor.py, functional.py, ...) as of this git commit")
     args = parser.parse_args()
     _timing.header("bench_cross_entropy: tinysft vs PyTorch CPU (ratio = tinysft time / torch time)", torch)
-    old = engine_at(args.ref) if args.ref else None
+    old = _timing.engine_at(args.ref) if args.ref else None
     for rows, classes in CASES:
         bench(rows, classes, old=old, ref=args.ref)

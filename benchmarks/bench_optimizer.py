@@ -24,7 +24,6 @@ import math
 
 import _timing  # first: pins BLAS threads before NumPy loads
 import numpy as np
-from bench_cross_entropy import engine_at
 
 from tinysft.nn import Parameter
 from tinysft.optim import AdamW, clip_grad_norm_
@@ -145,7 +144,7 @@ if __name__ == "__main__":
                    "tinysft vs PyTorch CPU (ratio = tinysft time / torch time)", torch)
     values, grads = make()
     print(f"# {len(values)} float32 tensors, {sum(v.size for v in values):,} numbers")
-    old = engine_at(args.ref) if args.ref else None
+    old = _timing.engine_at(args.ref) if args.ref else None
     if old:
         for module in ("nn", "optim"):  # old.nn, old.optim
             importlib.import_module(f"{old.__name__}.{module}")
