@@ -3,8 +3,10 @@
 Most are compositions of Tensor primitives and need no backward of their own.
 The fused composites get a hand-written backward because it is stabler or much
 cheaper than the chain of primitives: linear, layer_norm, cross_entropy, the
-scaled masked softmax of attention and the padding-aware embedding. Each is
-written with the op-definition API of ``tinysft.tensor`` (``make_node``,
+scaled masked softmax and scaled dot-product attention, and the padding-aware
+embedding (linear, layer_norm and the attention run their large NumPy passes
+over row blocks on the cores: ``tensor.split_rows``). Each is written with the
+op-definition API of ``tinysft.tensor`` (``make_node``,
 ``accumulate_grad``, ``lift``); the primitives' derivatives (elementwise,
 reductions, matmul, indexing, cat, where, softmax/log-softmax) live with
 ``Tensor`` and are re-exported here under their PyTorch names.
