@@ -2,7 +2,9 @@
 
 Import this module first in every benchmark script: it pins the BLAS/OpenMP thread count
 through the environment, which only takes effect before NumPy (and PyTorch) load.
-``BENCH_THREADS`` chooses the count (default: every core).
+``BENCH_THREADS`` chooses the count (default: every core). Freed memory is kept for reuse
+(``tinysft.backend.keep_freed_memory``, what the ``tinysft`` command does; it serves both libraries,
+which share the process) unless ``BENCH_KEEP_FREED=0``.
 """
 import os
 import sys
@@ -28,6 +30,10 @@ import numpy as np
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, _ROOT)
+
+from tinysft.backend import keep_freed_memory  # noqa: E402  (after the thread pinning above)
+
+KEEP_FREED = os.environ.get("BENCH_KEEP_FREED", "1") != "0" and keep_freed_memory()
 
 
 def load_torch():
@@ -114,6 +120,7 @@ def header(title, torch):
     versions = f"numpy {np.__version__}"
     versions += f", torch {torch.__version__} (threads {torch.get_num_threads()})" if torch else ", torch not installed"
     print(f"# {versions}; Python {platform.python_version()}; medians of repeats")
+    print(f"# malloc: freed blocks {'kept for reuse (keep_freed_memory)' if KEEP_FREED else 'returned (glibc default)'}")
     if hasattr(os, "getloadavg"):  # other work on the machine makes every figure slower and noisier
         print(f"# load average at start: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
 

@@ -34,6 +34,26 @@ def _import_cupy():
 _cupy = _import_cupy()
 
 
+def keep_freed_memory() -> bool:
+    """Ask glibc's malloc to keep freed blocks of up to 1 GiB for reuse instead of handing them
+    back to the kernel; True if it took effect (glibc only; elsewhere nothing changes).
+
+    By default glibc gives every block over 128 KiB its own ``mmap`` and unmaps it on free, so
+    each fresh activation or gradient of a training step starts as untouched pages that fault
+    in on first write: a MiniLM step at 16×64 took ~18,600 minor page faults and ~157 ms of
+    kernel time, against 6 faults and ~1 ms with freed blocks kept (PyTorch's CPU allocator
+    caches for the same reason). The setting is process-wide and keeps the peak heap mapped,
+    so the application chooses it — the ``tinysft`` command does at start — not the library.
+    """
+    import ctypes
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold, limit = -1, -3, 1 << 30
+    return bool(libc.mallopt(m_mmap_threshold, limit)) and bool(libc.mallopt(m_trim_threshold, limit))
+
+
 def cuda_available() -> bool:
     """True when CuPy imports and sees at least one CUDA GPU."""
     return _cupy is not None

@@ -9,6 +9,7 @@ import argparse
 import sys
 
 from .. import __version__
+from ..backend import keep_freed_memory
 from .config import CHAT, FINETUNE, GENERATE, SFT
 from .distill import DISTILL
 from .serve import SERVE
@@ -101,6 +102,7 @@ def main(argv=None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    keep_freed_memory()
     try:
         return _dispatch(args)
     except KeyboardInterrupt:
