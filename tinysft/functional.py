@@ -235,11 +235,22 @@ def dropout(x: Tensor, p: float = 0.5, training: bool = True, generator=None) ->
         raise ValueError(f"dropout: p must be in [0, 1], got {p}")
     if not training or p == 0.0:
         return x
-    rng = generator or default_generator(x.device)
-    noise = rng.random(x.shape, dtype=x.dtype if x.dtype == np.float32 else np.float64)  # U[0, 1)
-    scale = 0.0 if p == 1.0 else 1.0 / (1.0 - p)
-    mask = x.xp.multiply(noise >= p, scale, out=noise)  # 1/(1−p) where kept, 0 where dropped
-    return x * Tensor(mask.astype(x.dtype, copy=False))
+    mask = dropout_keep(x.shape, p, x.dtype, x.device, generator).astype(x.dtype)
+    mask *= dropout_scale(p)  # 1/(1−p) where kept, 0 where dropped
+    return x * Tensor(mask)
+
+
+def dropout_keep(shape, p: float, dtype, device: str = "cpu", generator=None):
+    """Dropout's keep mask of ``shape``: True where U[0, 1) ≥ p (probability 1 − p). The uniforms
+    are float32 for float32 tensors, else float64, so a seed gives the same masks to ``dropout``
+    and to the ops that keep the mask as booleans (LoRA's adapters)."""
+    rng = generator or default_generator(device)
+    return rng.random(shape, dtype=np.float32 if dtype == np.float32 else np.float64) >= p
+
+
+def dropout_scale(p: float) -> float:
+    """What inverted dropout multiplies a kept entry by: 1/(1 − p) (0 when p = 1: nothing is kept)."""
+    return 0.0 if p == 1.0 else 1.0 / (1.0 - p)
 
 
 # ----- attention -----

@@ -36,7 +36,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import functional as F
-from ..rng import generator as default_generator
 from ..tensor import ShapeError, Tensor, lift, make_node
 from .layers import Dropout, Linear
 from .module import Module
@@ -99,10 +98,9 @@ class LoRALinear(Module):
         drop = self.lora_dropout
         keep = None
         if drop.training and drop.p > 0:  # F.dropout's draws (so a seed gives its masks), kept as booleans
-            rng = drop.generator or default_generator(x.device)
-            keep = rng.random(x.shape, dtype=x.dtype if x.dtype == np.float32 else np.float64) >= drop.p  # (..., in)
+            keep = F.dropout_keep(x.shape, drop.p, x.dtype, x.device, drop.generator)  # (..., in)
         return lora_linear(x, self.weight, self.bias, self.lora_A.weight, self.lora_B.weight, self.scaling,
-                           keep, 1.0 / (1.0 - drop.p))
+                           keep, F.dropout_scale(drop.p))
 
     def delta_weight(self):
         """s·BA (out, in), computed in float64 so that merge and unmerge each round only once."""
