@@ -2,9 +2,10 @@
 
 Import this module first in every benchmark script: it pins the BLAS/OpenMP thread count
 through the environment, which only takes effect before NumPy (and PyTorch) load.
-``BENCH_THREADS`` chooses the count (default: every core). Freed memory is kept for reuse
-(``tinysft.backend.keep_freed_memory``, what the ``tinysft`` command does; it serves both libraries,
-which share the process) unless ``BENCH_KEEP_FREED=0``.
+``BENCH_THREADS`` chooses the count (default: every core). ``BENCH_KEEP_FREED=1`` makes glibc keep
+freed memory for reuse (``tinysft.backend.keep_freed_memory``, what the ``tinysft`` command does); it
+serves both libraries, which share the process. By default each library runs with glibc's defaults,
+as a program that imports it would.
 """
 import os
 import sys
@@ -33,7 +34,7 @@ if _ROOT not in sys.path:  # run from a checkout without installing
 
 from tinysft.backend import keep_freed_memory  # noqa: E402  (after the thread pinning above)
 
-KEEP_FREED = os.environ.get("BENCH_KEEP_FREED", "1") != "0" and keep_freed_memory()
+KEEP_FREED = os.environ.get("BENCH_KEEP_FREED", "0") == "1" and keep_freed_memory()
 
 
 def load_torch():
