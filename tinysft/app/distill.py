@@ -36,7 +36,6 @@ checked before any work starts or any folder is created.
 import dataclasses
 import json
 import shutil
-import sys
 import time
 from functools import partial
 from pathlib import Path
@@ -46,14 +45,14 @@ import numpy as np
 from .. import rng
 from ..data.loader import DataLoader
 from ..data.sft import encode_examples, pack_examples, sft_collate
-from ..finetune import Trainer, prepare
-from ..finetune.causal_lm import count_supervised, evaluate_sft
+from ..finetune import prepare
+from ..finetune.causal_lm import evaluate_sft
 from ..finetune.distill import DistillationLoss, every_other_layer, student_from_teacher
 from ..finetune.metrics import classification_metrics
 from ..io.atomic import atomic_write_text
 from ..models.export import export_gguf, save_pretrained, tokenizer_metadata
 from ..models.llama import LlamaConfig
-from ..optim import NO_DECAY, AdamW, param_groups_with_decay, schedule_by_name
+from ..optim import NO_DECAY, param_groups_with_decay
 from .config import (FINETUNE, SFT, ConfigError, Setting, Settings, _accumulation_divides_batch, _has_a_length,
                      to_toml)
 from .ensemble import split_logits
@@ -226,7 +225,8 @@ def write_student_folder(student, teacher_model_dir: Path, folder: Path) -> None
 
 def distill_decoder(teacher_dir, settings, overwrite: bool = False) -> int:
     """Distil the decoder run in ``teacher_dir`` (see the module docstring); print both side by side."""
-    from .sft import encode_train, evaluate, format_figures, gguf_name, load_examples, pad_id, remove, run_files
+    from .sft import (build_trainer, encode_train, evaluate, format_figures, gguf_name, load_examples, pad_id,
+                      remove, run_files)
     started = time.perf_counter()
     teacher_dir, out = Path(teacher_dir), Path(settings.out)
     teacher_config = SFT.build(teacher_dir / CONFIG)
@@ -261,7 +261,9 @@ def distill_decoder(teacher_dir, settings, overwrite: bool = False) -> int:
         remove(out / name)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / CONFIG, to_toml(config.to_dict()))
-    trainer, progress = build_decoder_trainer(student, teacher, settings, config, loader, out)
+    student.requires_grad_(True)
+    trainer, progress = build_trainer(student, param_groups_with_decay(student.named_parameters(), config.weight_decay),
+                                      config, loader, out, DistillationLoss(teacher, settings.temperature, settings.alpha))
     train_started = time.perf_counter()
     trainer.fit()
     train_seconds = time.perf_counter() - train_started
@@ -292,30 +294,6 @@ def distill_decoder(teacher_dir, settings, overwrite: bool = False) -> int:
         f"tokens/s; {seconds:.0f} s in all; the student as config.json + model.safetensors and {gguf_name(config)})")
     say(f"talk to it: tinysft chat {out}")
     return 0
-
-
-def build_decoder_trainer(student, teacher, settings, config, loader, out: Path):
-    """(Trainer, progress): AdamW on every student weight (no decay on norms), the config's
-    schedule, the KD loss summed over the supervised tokens and divided by those of the whole step."""
-    from .sft import TokenProgress
-    student.requires_grad_(True)
-    optimizer = AdamW(param_groups_with_decay(student.named_parameters(), config.weight_decay), lr=config.lr)
-    progress = TokenProgress(config.progress and sys.stderr.isatty())
-    loss = DistillationLoss(teacher, settings.temperature, settings.alpha)
-
-    def loss_fn(model, batch):
-        progress.tokens += int(np.asarray(batch["attention_mask"]).sum())
-        return loss(model, batch)
-
-    def schedule(opt, total_steps):
-        return schedule_by_name(config.schedule, opt, total_steps, config.warmup_ratio)
-
-    trainer = Trainer(student, optimizer, loader, epochs=config.epochs or None, max_steps=config.max_steps or None,
-                      accumulation_steps=config.accumulation, max_grad_norm=config.clip or None, schedule=schedule,
-                      loss_fn=loss_fn, count_fn=count_supervised, callbacks=[progress], log_path=out / METRICS,
-                      log_every=config.log_every, progress=False)
-    progress.start(trainer.total_steps)
-    return trainer, progress
 
 
 def forward_speed(model, tokenizer, examples, config) -> float:

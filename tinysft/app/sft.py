@@ -262,15 +262,15 @@ class TokenProgress:
     """The progress bar with tokens/s: it counts the real tokens (attention mask) of every batch
     the loss sees, and redraws after each optimizer step."""
 
-    def __init__(self, enabled: bool):
-        self.enabled, self.bar, self.tokens = enabled, None, 0
+    def __init__(self, enabled: bool, loss=causal_lm_loss_sum):
+        self.enabled, self.loss, self.bar, self.tokens = enabled, loss, None, 0
 
     def start(self, total_steps) -> None:
         self.bar, self.started = ProgressBar(total_steps, enabled=self.enabled), time.perf_counter()
 
     def loss_fn(self, model, batch):
         self.tokens += int(np.asarray(batch["attention_mask"]).sum())
-        return causal_lm_loss_sum(model, batch)
+        return self.loss(model, batch)
 
     def on_step_end(self, trainer, record):
         rate = self.tokens / max(time.perf_counter() - self.started, 1e-9)
@@ -280,11 +280,12 @@ class TokenProgress:
         self.bar.close()
 
 
-def build_trainer(model, param_groups, config, loader, out: Path):
-    """AdamW on ``param_groups``, the config's schedule, the causal-LM loss normalised by the
-    supervised tokens of each whole step."""
+def build_trainer(model, param_groups, config, loader, out: Path, loss=causal_lm_loss_sum):
+    """(Trainer, progress): AdamW on ``param_groups``, the config's schedule, ``loss`` (a sum over
+    the supervised tokens of a batch; default the causal-LM loss) divided by the supervised tokens
+    of each whole step."""
     optimizer = AdamW(param_groups, lr=config.lr)
-    progress = TokenProgress(config.progress and sys.stderr.isatty())
+    progress = TokenProgress(config.progress and sys.stderr.isatty(), loss)
 
     def schedule(opt, total_steps):
         return schedule_by_name(config.schedule, opt, total_steps, config.warmup_ratio)
