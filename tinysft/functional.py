@@ -938,10 +938,7 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target, ignore_index: i
     if weight.dtype != hidden.dtype:
         raise TypeError(f"linear_cross_entropy: hidden is {hidden.dtype} but weight is {weight.dtype}")
     classes, width = weight.shape
-    if chunk_size is None:
-        chunk_size = max(1, HEAD_CHUNK_BYTES // (classes * hidden.data.itemsize))
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
-        raise ValueError(f"linear_cross_entropy: chunk_size must be a positive integer, got {chunk_size!r}")
+    chunk_size = head_chunk_size(chunk_size, classes, hidden.data.itemsize, "linear_cross_entropy")
     flat = hidden.data.reshape(-1, width)  # (N, D)
     target, valid = _class_targets(target, hidden.shape[:-1], classes, ignore_index, xp,
                                    f"linear_cross_entropy: hidden of shape {hidden.shape}")
@@ -949,26 +946,16 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target, ignore_index: i
     count = int(rows.size)
     mean_scale = 1.0 / count if count else 0.0
 
-    def run_chunks(row_scale, with_grad):
-        # row_scale: a float or (n,) → losses (n,), dh (N, D) or None, dW (V, D) or None
-        losses = xp.empty(count, dtype=flat.dtype)
-        dh = xp.zeros_like(flat) if with_grad and hidden.requires_grad else None
-        dw = xp.zeros_like(weight.data) if with_grad and weight.requires_grad else None
-        for start in range(0, count, chunk_size):
-            chosen = rows[start:start + chunk_size]  # (c,)
-            h = flat[chosen]  # (c, D)
-            scale = row_scale if isinstance(row_scale, float) else row_scale[start:start + chunk_size]
-            losses[start:start + chosen.size], grad = _cross_entropy_row_block(h @ weight.data.T, target[chosen],
-                                                                               scale)  # grad: G_C (c, V)
-            if dh is not None:
-                # G_C W as (Wᵀ G_Cᵀ)ᵀ: the same numbers, but OpenBLAS runs a (c, V)·(V, D) product with
-                # few rows c several times slower than the (D, V)·(V, c) one (measured: 6x at c = 32)
-                dh[chosen] = (weight.data.T @ grad.T).T  # (c, D)
-            if dw is not None:  # G_Cᵀ h_C a block of W's rows at a time: a (block, D) temporary, not a (V, D) one
-                for v in range(0, classes, HEAD_WEIGHT_BLOCK):
-                    dw[v:v + HEAD_WEIGHT_BLOCK] += grad[:, v:v + HEAD_WEIGHT_BLOCK].T @ h  # (block, D)
-            del grad  # before the next chunk's logits exist: one (c, V) buffer at a time, not two
-        return losses, dh, dw
+    def block_loss(z, chosen, scale):  # z: the chunk's logits (c, V), overwritten by their gradient
+        return _cross_entropy_row_block(z, target[chosen], scale)
+
+    def run_chunks(row_scale, with_grad):  # row_scale: a float or (n,)
+        return head_chunks(hidden, weight, rows, chunk_size, block_loss, row_scale, with_grad)
+
+    def rerun(grad):
+        upstream = grad.reshape(-1)[rows] if reduction == "none" else \
+            float(grad) * (mean_scale if reduction == "mean" else 1.0)
+        return run_chunks(upstream, True)[1:]
 
     precompute = (is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
                   and reduction != "none")
@@ -981,9 +968,58 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target, ignore_index: i
         value = losses.sum()
     else:
         value = losses.sum() * mean_scale if count else np.nan
-    out = make_node(xp.asarray(value, dtype=flat.dtype), (hidden, weight), "linear_cross_entropy")
+    return head_loss_node(xp.asarray(value, dtype=flat.dtype), hidden, weight, "linear_cross_entropy",
+                          gradients if precompute else None, rerun)
+
+
+def head_chunk_size(chunk_size, classes: int, itemsize: int, op: str) -> int:
+    """The rows per chunk of a chunked head: ``chunk_size`` checked (a positive integer), or by
+    default as many as fill ``HEAD_CHUNK_BYTES`` of logits."""
+    if chunk_size is None:
+        return max(1, HEAD_CHUNK_BYTES // (classes * itemsize))
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
+        raise ValueError(f"{op}: chunk_size must be a positive integer, got {chunk_size!r}")
+    return int(chunk_size)
+
+
+def head_chunks(hidden: Tensor, weight: Tensor, rows, chunk_size: int, block_loss, row_scale, with_grad: bool):
+    """The chunk loop of a loss on a linear head's logits that never holds them all (the shared part
+    of ``linear_cross_entropy`` and distillation's ``linear_kd_loss``).
+
+    hidden (..., D), weight (V, D); ``rows`` (n,) the flat rows that count; ``row_scale`` a float or
+    (n,). For each chunk C of ``chunk_size`` rows: z_C = h_C Wᵀ (c, V), then ``block_loss(z_C,
+    chosen rows, their scale)`` → (losses (c,), G_C (c, V) = the scaled d loss/dz_C, which may be
+    written over z_C), and with ``with_grad``: dh_C = G_C W (c, D), dW += G_Cᵀ h_C (V, D), each only
+    for an input that requires a gradient. Returns (losses (n,), dh (N, D) or None, dW (V, D) or None).
+    """
+    xp, flat = hidden.xp, hidden.data.reshape(-1, weight.shape[1])  # (N, D)
+    count, classes = int(rows.size), weight.shape[0]
+    losses = xp.empty(count, dtype=flat.dtype)
+    dh = xp.zeros_like(flat) if with_grad and hidden.requires_grad else None
+    dw = xp.zeros_like(weight.data) if with_grad and weight.requires_grad else None
+    for start in range(0, count, chunk_size):
+        chosen = rows[start:start + chunk_size]  # (c,)
+        h = flat[chosen]  # (c, D)
+        scale = row_scale if isinstance(row_scale, float) else row_scale[start:start + chunk_size]
+        losses[start:start + chosen.size], grad = block_loss(h @ weight.data.T, chosen, scale)  # grad: G_C (c, V)
+        if dh is not None:
+            # G_C W as (Wᵀ G_Cᵀ)ᵀ: the same numbers, but OpenBLAS runs a (c, V)·(V, D) product with
+            # few rows c several times slower than the (D, V)·(V, c) one (measured: 6x at c = 32)
+            dh[chosen] = (weight.data.T @ grad.T).T  # (c, D)
+        if dw is not None:  # G_Cᵀ h_C a block of W's rows at a time: a (block, D) temporary, not a (V, D) one
+            for v in range(0, classes, HEAD_WEIGHT_BLOCK):
+                dw[v:v + HEAD_WEIGHT_BLOCK] += grad[:, v:v + HEAD_WEIGHT_BLOCK].T @ h  # (block, D)
+        del grad  # before the next chunk's logits exist: one (c, V) buffer at a time, not two
+    return losses, dh, dw
+
+
+def head_loss_node(value, hidden: Tensor, weight: Tensor, name: str, gradients, rerun) -> Tensor:
+    """The graph node of a chunked head's loss ``value``. ``gradients``: (dh, dW) computed in the
+    forward for an upstream gradient of 1, handed to the first backward (scaled in place if g ≠ 1),
+    or None; any other backward calls ``rerun(g)`` → (dh, dW), which runs the chunks again."""
+    out = make_node(value, (hidden, weight), name)
     if out.requires_grad:
-        handed = [gradients if precompute else None]
+        handed = [gradients]
 
         def backward_fn(grad):
             if handed[0] is not None:  # the forward's gradients, for g = 1: scaled in place, then given away
@@ -994,9 +1030,7 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target, ignore_index: i
                         if array is not None:
                             array *= grad
             else:
-                upstream = grad.reshape(-1)[rows] if reduction == "none" else \
-                    float(grad) * (mean_scale if reduction == "mean" else 1.0)
-                _, dh, dw = run_chunks(upstream, True)
+                dh, dw = rerun(grad)
             if dh is not None:
                 hidden.accumulate_grad(dh.reshape(hidden.shape), owned=True)
             if dw is not None:

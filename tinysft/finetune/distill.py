@@ -176,10 +176,7 @@ def linear_kd_loss(hidden: Tensor, weight: Tensor, teacher_hidden, teacher_weigh
                            f"{teacher_w.shape}")
     if weight.dtype != hidden.dtype:
         raise TypeError(f"linear_kd_loss: hidden is {hidden.dtype} but weight is {weight.dtype}")
-    if chunk_size is None:
-        chunk_size = max(1, F.HEAD_CHUNK_BYTES // (classes * hidden.data.itemsize))
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
-        raise ValueError(f"linear_kd_loss: chunk_size must be a positive integer, got {chunk_size!r}")
+    chunk_size = F.head_chunk_size(chunk_size, classes, hidden.data.itemsize, "linear_kd_loss")
     flat, teacher_flat = hidden.data.reshape(-1, width), teacher_h.reshape(-1, teacher_w.shape[1])  # (N, D), (N, D_t)
     target, valid = F._class_targets(target, hidden.shape[:-1], classes, ignore_index, xp,
                                      f"linear_kd_loss: hidden of shape {hidden.shape}")
@@ -187,48 +184,18 @@ def linear_kd_loss(hidden: Tensor, weight: Tensor, teacher_hidden, teacher_weigh
     count = int(rows.size)
     scale = 1.0 / count if reduction == "mean" and count else 1.0
 
+    def block_loss(z, chosen, row_scale):  # z: the student's logits of the chunk (c, V)
+        return _kd_rows(z, teacher_flat[chosen] @ teacher_w.T, target[chosen], float(temperature), float(alpha),
+                        row_scale)
+
     def run_chunks(row_scale, with_grad):
-        # -> losses (n,), dh (N, D) or None, dW (V, D) or None
-        losses = xp.empty(count, dtype=flat.dtype)
-        dh = xp.zeros_like(flat) if with_grad and hidden.requires_grad else None
-        dw = xp.zeros_like(weight.data) if with_grad and weight.requires_grad else None
-        for start in range(0, count, chunk_size):
-            chosen = rows[start:start + chunk_size]  # (c,)
-            h = flat[chosen]  # (c, D)
-            losses[start:start + chosen.size], grad = _kd_rows(h @ weight.data.T, teacher_flat[chosen] @ teacher_w.T,
-                                                               target[chosen], float(temperature), float(alpha),
-                                                               row_scale)  # grad: G_C (c, V)
-            if dh is not None:
-                dh[chosen] = (weight.data.T @ grad.T).T  # (c, D), the faster product (see F.linear_cross_entropy)
-            if dw is not None:  # a block of W's rows at a time: no second (V, D) temporary
-                for v in range(0, classes, F.HEAD_WEIGHT_BLOCK):
-                    dw[v:v + F.HEAD_WEIGHT_BLOCK] += grad[:, v:v + F.HEAD_WEIGHT_BLOCK].T @ h  # (block, D)
-            del grad
-        return losses, dh, dw
+        return F.head_chunks(hidden, weight, rows, chunk_size, block_loss, row_scale, with_grad)
 
     precompute = is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     losses, *gradients = run_chunks(scale, precompute)
     value = losses.sum() * scale if count or reduction == "sum" else np.nan
-    out = make_node(xp.asarray(value, dtype=flat.dtype), (hidden, weight), "linear_kd_loss")
-    if out.requires_grad:
-        handed = [gradients if precompute else None]
-
-        def backward_fn(g):
-            if handed[0] is not None:  # the forward's gradients, for g = 1: scaled in place, then given away
-                dh, dw = handed[0]
-                handed[0] = None
-                if not bool((g == 1).all()):
-                    for array in (dh, dw):
-                        if array is not None:
-                            array *= g
-            else:
-                _, dh, dw = run_chunks(float(g) * scale, True)
-            if dh is not None:
-                hidden.accumulate_grad(dh.reshape(hidden.shape), owned=True)
-            if dw is not None:
-                weight.accumulate_grad(dw, owned=True)
-        out.backward_fn = backward_fn
-    return out
+    return F.head_loss_node(xp.asarray(value, dtype=flat.dtype), hidden, weight, "linear_kd_loss",
+                            gradients if precompute else None, lambda g: run_chunks(float(g) * scale, True)[1:])
 
 
 class DistillationLoss:
