@@ -61,20 +61,22 @@ def start(service, max_body=MAX_BODY):
     return server
 
 
-@pytest.fixture(scope="module")
-def classifier_server(classifier):
-    server = start(classifier)
+def serving(service):
+    """The server of ``service`` for a fixture's lifetime, shut down after."""
+    server = start(service)
     yield server
     server.shutdown()
     server.server_close()
+
+
+@pytest.fixture(scope="module")
+def classifier_server(classifier):
+    yield from serving(classifier)
 
 
 @pytest.fixture(scope="module")
 def chat_server(chat):
-    server = start(chat)
-    yield server
-    server.shutdown()
-    server.server_close()
+    yield from serving(chat)
 
 
 def request(server, method, path, body=None, headers=None, raw=None):

@@ -38,12 +38,19 @@ def finetune(config: RunConfig, resume: bool = False, overwrite: bool = False) -
     Everything that can be refused (the folder, the model's files, the data, the splits)
     is checked before the run folder is touched.
     """
+    return on_every_rank(config, lambda settings: _finetune(settings, resume, overwrite))
+
+
+def on_every_rank(config, body) -> int:
+    """``body(config)`` on every data-parallel rank (one process without MPI): rank 0's settings
+    broadcast to all, checked against the world size, a failure on one rank ending all of them,
+    and only rank 0 printing."""
     dist.init()
     with dist.failing_fast():
         config = dist.broadcast_settings(config)
         check_world(config, dist.world_size())
         with contextlib.nullcontext() if dist.is_main() else contextlib.redirect_stdout(None):  # one voice
-            return _finetune(config, resume, overwrite)
+            return body(config)
 
 
 def check_world(config, world: int) -> None:

@@ -26,7 +26,6 @@ Under ``mpirun -n W tinysft sft ...`` the W ranks train one run data-parallel, a
 supervised tokens of all ranks, every rank evaluates the whole test split (the same
 figures), and rank 0 alone prints and writes the run folder.
 """
-import contextlib
 import json
 import shutil
 import sys
@@ -72,13 +71,8 @@ def run_files(config) -> tuple:
 
 def sft(config, show_mask: bool = False, overwrite: bool = False) -> int:
     """Tune, evaluate before and after, write the run folder; see the module docstring."""
-    from .finetune import check_world
-    dist.init()
-    with dist.failing_fast():
-        config = dist.broadcast_settings(config)
-        check_world(config, dist.world_size())
-        with contextlib.nullcontext() if dist.is_main() else contextlib.redirect_stdout(None):  # one voice
-            return _sft(config, show_mask, overwrite)
+    from .finetune import on_every_rank
+    return on_every_rank(config, lambda settings: _sft(settings, show_mask, overwrite))
 
 
 def _sft(config, show_mask: bool, overwrite: bool) -> int:
