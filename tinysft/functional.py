@@ -5,7 +5,7 @@ The fused composites get a hand-written backward because it is stabler or much
 cheaper than the chain of primitives: linear, layer_norm, cross_entropy, the
 scaled masked softmax and scaled dot-product attention, and the padding-aware
 embedding (linear, layer_norm and the attention run their large NumPy passes
-over row blocks on the cores: ``tensor.split_rows``). Each is written with the
+over row blocks on the cores: ``threads.split_rows``). Each is written with the
 op-definition API of ``tinysft.tensor`` (``make_node``,
 ``accumulate_grad``, ``lift``); the primitives' derivatives (elementwise,
 reductions, matmul, indexing, cat, where, softmax/log-softmax) live with
@@ -28,7 +28,8 @@ import numpy as np
 
 from .backend import scatter_add
 from .rng import generator as default_generator
-from .tensor import ShapeError, Tensor, cat, is_grad_enabled, lift, make_node, split_rows, where
+from .tensor import ShapeError, Tensor, cat, is_grad_enabled, lift, make_node, where
+from .threads import map_rows, split_rows
 
 
 class TargetError(IndexError):
@@ -562,7 +563,6 @@ def _cross_entropy_rows(rows, target, valid, label_smoothing, z_loss, row_scale,
     the exponentials). The shift changes no value but the rounding; a row far below the block's
     max, whose sum s_i < ``CE_SUM_FLOOR`` (or inf/NaN), is redone with its own max.
     """
-    from .threads import map_rows
     rows = np.ascontiguousarray(rows)
     count, classes = rows.shape
     grad = (_spare_gradient(rows.shape, rows.dtype) if out is None else out) if with_grad else None

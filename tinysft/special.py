@@ -14,7 +14,7 @@ On the CPU the work runs over 64K-element chunks so every temporary stays in cac
 >>> erf(np.array([0.5])).round(8), normal_cdf(np.array([0.0, 1.96])).round(6)
 (array([0.52049988]), array([0.5     , 0.975002]))
 >>> value, saved = gelu(np.array([1.0]))  # GELU(1) = Φ(1)
->>> value.round(8), gelu_derivative(np.array([1.0]), saved).round(8)  # Φ(1) + φ(1)
+>>> value.round(8), gelu_backward(np.array([1.0]), np.array([1.0]), saved).round(8)  # Φ(1) + φ(1)
 (array([0.84134475]), array([1.08331547]))
 """
 import math
@@ -58,10 +58,10 @@ def _polyval(coefficients, x):
 def _chunked(fn, *arrays):
     """``fn(*arrays)`` for an elementwise ``fn`` that returns a tuple of arrays shaped like its inputs,
     computed over 64K-element chunks on the CPU (one call on a GPU), so every temporary stays in
-    cache. The chunks after the first are shared out over the cores (``tensor.split_rows``): these
+    cache. The chunks after the first are shared out over the cores (``threads.split_rows``): these
     are single-threaded ufunc passes, about 30 per element for the exact GELU. Each element's value
     depends on that element alone, so the result is the same for any thread count."""
-    from .tensor import split_rows
+    from .threads import split_rows
     xp = _module_of(arrays[0])
     shape = arrays[0].shape
     # 1-D even for 0-d inputs: ufuncs give scalars for 0-d arrays, which in-place steps cannot write into
@@ -162,14 +162,9 @@ def _gelu_slope(x, saved, approximate):
     return du
 
 
-def gelu_derivative(x, saved, approximate: str = "none"):
-    """d GELU/dx from x and the ``saved`` array that ``gelu`` returned."""
-    return _chunked(lambda v, s: (_gelu_slope(v, s, approximate),), x, saved)[0]
-
-
 def gelu_backward(grad, x, saved, approximate: str = "none"):
-    """grad · d GELU/dx, in the same chunks (one pass and one full-size array fewer than
-    ``grad * gelu_derivative(x, saved)``)."""
+    """grad · d GELU/dx from x and the ``saved`` array that ``gelu`` returned, in the same
+    chunks (the slope is scaled by grad where it is made: no full-size slope array)."""
     def scaled_slope(g, v, s):
         slope = _gelu_slope(v, s, approximate)
         slope *= g

@@ -109,16 +109,6 @@ def lift(value, like: "Tensor") -> "Tensor":
     return Tensor(like.xp.asarray(value, dtype=like.dtype))
 
 
-def split_rows(xp, fn, n: int, row_cost: int = 1) -> list:
-    """``[fn(start, stop), ...]`` over row blocks of ``[0, n)``: ``threads.map_rows`` (the blocks
-    on the CPU's cores) for NumPy arrays, one call ``[fn(0, n)]`` for CuPy ones, whose kernels
-    already use the whole GPU. ``xp``: the arrays' module; ``row_cost``: elements per row."""
-    if xp is not np:
-        return [fn(0, n)]
-    from .threads import map_rows
-    return map_rows(fn, n, row_cost)
-
-
 def _raw_index(index):
     """An index with Tensors replaced by their arrays."""
     if isinstance(index, Tensor):

@@ -25,7 +25,9 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-__all__ = ["MIN_PARALLEL", "num_threads", "set_num_threads", "row_blocks", "map_rows"]
+import numpy as np
+
+__all__ = ["MIN_PARALLEL", "num_threads", "set_num_threads", "row_blocks", "map_rows", "split_rows"]
 
 MIN_PARALLEL = 1 << 16
 """Elements below which ``map_rows`` runs on the calling thread alone (~64K floats: tens of µs of work)."""
@@ -96,3 +98,11 @@ def map_rows(fn, n: int, row_cost: int = 1) -> list:
     results = [fn(*first)]
     results.extend(future.result() for future in pending)
     return results
+
+
+def split_rows(xp, fn, n: int, row_cost: int = 1) -> list:
+    """``map_rows(fn, n, row_cost)`` for NumPy arrays; one call ``[fn(0, n)]`` for CuPy ones, whose
+    kernels already use the whole GPU. ``xp``: the arrays' module."""
+    if xp is not np:
+        return [fn(0, n)]
+    return map_rows(fn, n, row_cost)
