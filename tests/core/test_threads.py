@@ -69,3 +69,82 @@ def test_bad_thread_variable_is_named(monkeypatch, value, message):
     monkeypatch.setenv("TINYSFT_NUM_THREADS", value)
     with pytest.raises(ValueError, match=f"TINYSFT_NUM_THREADS.*{message}"):
         threads._default_threads()
+
+
+needs_blas_threads = pytest.mark.skipif(threads._blas_threads_local is None,
+                                        reason="this NumPy's BLAS has no openblas_set_num_threads_local: "
+                                               "matmul is one BLAS call")
+
+MATMUL_SHAPES = [((300, 200), (200, 150)),            # rows split
+                 ((6, 40, 64), (6, 64, 50)),          # batch split
+                 ((5, 3, 60, 64), (5, 3, 64, 70)),    # batch split over the first axis
+                 ((6, 100, 64), (64, 90)),            # batch @ matrix
+                 ((1, 300, 200), (4, 200, 150)),      # broadcast batch: one call
+                 ((300, 200), (200,))]                # vector: one call
+
+
+@needs_blas_threads
+@pytest.mark.parametrize("a_shape, b_shape", MATMUL_SHAPES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_matmul_matches_float64_and_repeats_its_bits(a_shape, b_shape, dtype, two_threads, monkeypatch):
+    monkeypatch.setattr(threads, "MIN_PARALLEL_GEMM", 1)
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal(a_shape).astype(dtype), rng.standard_normal(b_shape).astype(dtype)
+    product = threads.matmul(a, b)
+    reference = a.astype(np.float64) @ b.astype(np.float64)
+    assert product.shape == reference.shape and product.dtype == dtype
+    np.testing.assert_allclose(product, reference, rtol=0, atol=(1e-4 if dtype == np.float32 else 1e-11) * 30)
+    np.testing.assert_array_equal(threads.matmul(a, b), product)  # the same bits for the same thread count
+
+
+@needs_blas_threads
+@pytest.mark.parametrize("a_shape, b_shape, split", [(s[0], s[1], i < 4) for i, s in enumerate(MATMUL_SHAPES)])
+def test_matmul_splits_only_shapes_it_can_and_work_that_pays(a_shape, b_shape, split, two_threads, monkeypatch):
+    calls = []
+    real_map_rows = threads.map_rows
+    monkeypatch.setattr(threads, "map_rows", lambda fn, n, row_cost=1: calls.append(n) or real_map_rows(fn, n, row_cost))
+    a, b = np.ones(a_shape, np.float32), np.ones(b_shape, np.float32)
+    monkeypatch.setattr(threads, "MIN_PARALLEL_GEMM", a.size * b.shape[-1] + 1)
+    threads.matmul(a, b)
+    assert calls == []  # below MIN_PARALLEL_GEMM multiply-adds: one call
+    monkeypatch.setattr(threads, "MIN_PARALLEL_GEMM", 1)
+    np.testing.assert_array_equal(threads.matmul(a, b), a @ b)  # sums of ones: exact either way
+    assert calls == ([a_shape[0]] if split else [])
+
+
+def test_matmul_is_one_call_at_one_thread_and_without_the_blas_setting(monkeypatch):
+    monkeypatch.setattr(threads, "MIN_PARALLEL_GEMM", 1)
+    rng = np.random.default_rng(1)
+    a, b = rng.standard_normal((200, 64)).astype(np.float32), rng.standard_normal((64, 80)).astype(np.float32)
+    before = threads.num_threads()
+    try:
+        threads.set_num_threads(1)
+        np.testing.assert_array_equal(threads.matmul(a, b), a @ b)
+        threads.set_num_threads(2)
+        monkeypatch.setattr(threads, "_blas_threads_local", None)
+        np.testing.assert_array_equal(threads.matmul(a, b), a @ b)
+    finally:
+        threads.set_num_threads(before)
+
+
+@needs_blas_threads
+def test_blocks_run_with_single_threaded_blas_and_the_setting_comes_back(two_threads):
+    """Inside map_rows (and nested single_threaded_blas blocks) BLAS has 1 thread; after the last, the old setting."""
+    setter = threads._blas_threads_local
+    seen = []
+
+    def block(start, stop):
+        seen.append(setter(1))  # the previous value: what the block ran with
+        return start
+
+    previous = setter(3)
+    try:
+        threads.map_rows(block, 1000, row_cost=1000)
+        with threads.single_threaded_blas():
+            with threads.single_threaded_blas():
+                seen.append(setter(1))
+            seen.append(setter(1))
+        assert setter(3) == 3  # restored
+    finally:
+        setter(previous)
+    assert seen == [1, 1, 1, 1]
