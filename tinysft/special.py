@@ -45,9 +45,9 @@ def _module_of(x):
     return xp_for(device_of(x))
 
 
-def _polyval(coefficients, x):
-    """Horner's rule, highest power first (a new array; ``x`` is not changed)."""
-    result = x * coefficients[0]
+def _polyval(coefficients, x, out=None):
+    """Horner's rule, highest power first, into ``out`` (a new array when None; ``x`` is not changed)."""
+    result = x * coefficients[0] if out is None else _module_of(x).multiply(x, coefficients[0], out=out)
     result += coefficients[1]
     for c in coefficients[2:]:
         result *= x
@@ -55,43 +55,37 @@ def _polyval(coefficients, x):
     return result
 
 
-def _chunked(fn, *arrays):
-    """``fn(*arrays)`` for an elementwise ``fn`` that returns a tuple of arrays shaped like its inputs,
-    computed over 64K-element chunks on the CPU (one call on a GPU), so every temporary stays in
-    cache. The chunks after the first are shared out over the cores (``threads.split_rows``): these
-    are single-threaded ufunc passes, about 30 per element for the exact GELU. Each element's value
-    depends on that element alone, so the result is the same for any thread count."""
+def _chunked(kernel, *arrays, outputs: int = 1, work: int = 0):
+    """Runs the elementwise ``kernel(xp, *inputs, *outs, *work_arrays)``, which writes its ``outputs``
+    arrays in place and may use ``work`` scratch arrays, over 64K-element chunks on the CPU (one
+    call on a GPU), so every array it touches stays in cache. Each block of chunks has its own
+    scratch, made once: a fresh temporary per chunk and pass would cost an allocation, and page
+    faults where malloc hands the memory back. The blocks are shared out over the cores
+    (``threads.split_rows``): these are single-threaded ufunc passes, about 30 per element for the
+    exact GELU. Each element's value depends on that element alone, so the result is the same for
+    any thread count. Outputs have the first input's dtype."""
     from .threads import split_rows
     xp = _module_of(arrays[0])
-    shape = arrays[0].shape
+    shape, dtype = arrays[0].shape, arrays[0].dtype
     # 1-D even for 0-d inputs: ufuncs give scalars for 0-d arrays, which in-place steps cannot write into
     flats = [xp.ascontiguousarray(a).reshape(-1) for a in arrays]
-    if xp.__name__ != "numpy" or flats[0].size <= _CHUNK:
-        return tuple(r.reshape(shape) for r in fn(*flats))
-    first = fn(*(f[:_CHUNK] for f in flats))  # its dtypes size the outputs
-    outs = tuple(xp.empty(flats[0].size, dtype=r.dtype) for r in first)
-    for out, r in zip(outs, first):
-        out[:_CHUNK] = r
-    starts = range(_CHUNK, flats[0].size, _CHUNK)
+    size = flats[0].size
+    outs = [xp.empty(size, dtype) for _ in range(outputs)]
+    chunk = max(1, size if xp.__name__ != "numpy" else min(size, _CHUNK))
 
-    def block(begin, end):  # chunks starts[begin:end]
-        for start in starts[begin:end]:
-            for out, r in zip(outs, fn(*(f[start:start + _CHUNK] for f in flats))):
-                out[start:start + _CHUNK] = r
+    def block(first, last):  # chunks [first, last)
+        scratch = [xp.empty(chunk, dtype) for _ in range(work)]
+        for start in range(first * chunk, min(last * chunk, size), chunk):
+            stop = min(start + chunk, size)
+            kernel(xp, *(a[start:stop] for a in flats + outs), *(w[:stop - start] for w in scratch))
 
-    split_rows(xp, block, len(starts), _CHUNK)
+    split_rows(xp, block, -(-size // chunk), chunk)
     return tuple(out.reshape(shape) for out in outs)
 
 
-def _erf(x):
+def _erf_cephes(x):
+    """erf for float64 (and other non-float32 dtypes): Cephes, a new array."""
     xp = _module_of(x)
-    if x.dtype == xp.float32:
-        z = xp.clip(x, -4.0, 4.0)
-        z2 = z * z
-        result = _polyval(_EIGEN_P, z2)
-        result *= z
-        result /= _polyval(_EIGEN_Q, z2)
-        return result
     ax = xp.abs(x)
     small = xp.minimum(ax, 1.0)
     z = small * small
@@ -109,9 +103,22 @@ def _erf(x):
     return result
 
 
+def _erf_kernel(xp, x, out, z, z2, q):
+    """out = erf(x); float32: Eigen's x·P(x²)/Q(x²) on x clipped to [−4, 4], in the scratch z, z2, q."""
+    if x.dtype != xp.float32:
+        out[...] = _erf_cephes(x)
+        return
+    xp.clip(x, -4.0, 4.0, out=z)
+    xp.multiply(z, z, out=z2)
+    _polyval(_EIGEN_P, z2, out)
+    out *= z
+    out /= _polyval(_EIGEN_Q, z2, q)
+
+
 def erf(x):
     """The error function erf(x) = 2/√π ∫₀ˣ e^(−t²) dt, elementwise on any ``xp`` array."""
-    return _chunked(lambda v: (_erf(v),), _module_of(x).asarray(x))[0]
+    x = _module_of(x).asarray(x)
+    return _chunked(_erf_kernel, x if x.dtype.kind == "f" else x.astype(float), work=3)[0]
 
 
 def normal_cdf(x):
@@ -124,49 +131,69 @@ def normal_pdf(x):
     return _module_of(x).exp(-0.5 * x * x) * _INV_SQRT_2PI
 
 
-def _gelu_pair(x, approximate):
-    """(GELU(x), saved): saved is what the derivative also needs, Φ(x) (exact) or tanh u (tanh form)."""
-    if approximate == "none":
-        saved = normal_cdf(x)
-        return x * saved, saved
-    u = x * x
-    u *= 0.044715
-    u += 1.0
-    u *= x
-    u *= _SQRT_2_OVER_PI
-    saved = _module_of(x).tanh(u, out=u)
-    value = x * 0.5
-    value *= 1.0 + saved
-    return value, saved
+def _gelu_exact_kernel(xp, x, value, cdf, t, z, z2, q):
+    """value = x·Φ(x) and cdf = Φ(x) = ½(1 + erf(x/√2)), the steps (and bits) of ``x * normal_cdf(x)``."""
+    xp.multiply(x, _SQRT1_2, out=t)
+    _erf_kernel(xp, t, cdf, z, z2, q)
+    cdf += 1.0
+    cdf *= 0.5
+    xp.multiply(x, cdf, out=value)
+
+
+def _gelu_tanh_kernel(xp, x, value, tanh_u, t):
+    """value = ½x(1 + tanh u) and tanh_u = tanh u, u = √(2/π)(x + 0.044715x³) = √(2/π)·x·(1 + 0.044715x²)."""
+    xp.multiply(x, x, out=tanh_u)
+    tanh_u *= 0.044715
+    tanh_u += 1.0
+    tanh_u *= x
+    tanh_u *= _SQRT_2_OVER_PI
+    xp.tanh(tanh_u, out=tanh_u)
+    xp.multiply(x, 0.5, out=value)
+    value *= xp.add(tanh_u, 1.0, out=t)
 
 
 def gelu(x, approximate: str = "none", keep: bool = True):
     """(GELU(x), saved) — exact x·Φ(x), or ½x(1 + tanh u), u = √(2/π)(x + 0.044715x³).
+    saved is what the derivative also needs: Φ(x) (exact) or tanh u (tanh form).
     ``keep=False``: saved is None (no backward will need it; one full-size array fewer)."""
+    kernel, work = (_gelu_exact_kernel, 4) if approximate == "none" else (_gelu_tanh_kernel, 1)
     if keep:
-        return _chunked(lambda v: _gelu_pair(v, approximate), x)
-    return _chunked(lambda v: _gelu_pair(v, approximate)[:1], x)[0], None
+        return _chunked(kernel, x, outputs=2, work=work)
+
+    def value_only(xp, v, value, *scratch):  # saved goes to a scratch array
+        kernel(xp, v, value, *scratch)
+
+    return _chunked(value_only, x, work=work + 1)[0], None
 
 
-def _gelu_slope(x, saved, approximate):
-    if approximate == "none":  # Φ(x) + x·φ(x)
-        return saved + x * normal_pdf(x)
-    # ½(1 + t) + ½x(1 − t²)·√(2/π)(1 + 3·0.044715x²)
-    du = x * x
-    du *= 3 * 0.044715
-    du += 1.0
-    du *= _SQRT_2_OVER_PI * 0.5
-    du *= x
-    du *= 1.0 - saved * saved
-    du += 0.5 * (1.0 + saved)
-    return du
+def _gelu_exact_slope_kernel(xp, g, x, cdf, out, t):
+    """out = g·(Φ(x) + x·φ(x)), φ(x) = e^(−x²/2)/√(2π)."""
+    xp.multiply(x, -0.5, out=t)
+    t *= x
+    xp.exp(t, out=t)
+    t *= _INV_SQRT_2PI
+    t *= x
+    xp.add(cdf, t, out=out)
+    out *= g
+
+
+def _gelu_tanh_slope_kernel(xp, g, x, tanh_u, out, t):
+    """out = g·(½(1 + t) + ½x(1 − t²)·√(2/π)(1 + 3·0.044715x²)), t = tanh u."""
+    xp.multiply(x, x, out=out)
+    out *= 3 * 0.044715
+    out += 1.0
+    out *= _SQRT_2_OVER_PI * 0.5
+    out *= x
+    xp.multiply(tanh_u, tanh_u, out=t)
+    out *= xp.subtract(1.0, t, out=t)
+    xp.add(tanh_u, 1.0, out=t)
+    t *= 0.5
+    out += t
+    out *= g
 
 
 def gelu_backward(grad, x, saved, approximate: str = "none"):
     """grad · d GELU/dx from x and the ``saved`` array that ``gelu`` returned, in the same
     chunks (the slope is scaled by grad where it is made: no full-size slope array)."""
-    def scaled_slope(g, v, s):
-        slope = _gelu_slope(v, s, approximate)
-        slope *= g
-        return (slope,)
-    return _chunked(scaled_slope, grad, x, saved)[0]
+    kernel = _gelu_exact_slope_kernel if approximate == "none" else _gelu_tanh_slope_kernel
+    return _chunked(kernel, grad, x, saved, work=1)[0]
