@@ -27,7 +27,7 @@ import threading
 import numpy as np
 
 from .backend import scatter_add
-from .rng import generator as default_generator
+from .rng import generator as default_generator, uniform_at_least
 from .tensor import ShapeError, Tensor, cat, is_grad_enabled, lift, make_node, where
 from .threads import map_rows, matmul, split_rows
 
@@ -244,9 +244,10 @@ def dropout(x: Tensor, p: float = 0.5, training: bool = True, generator=None) ->
 def dropout_keep(shape, p: float, dtype, device: str = "cpu", generator=None):
     """Dropout's keep mask of ``shape``: True where U[0, 1) ≥ p (probability 1 − p). The uniforms
     are float32 for float32 tensors, else float64, so a seed gives the same masks to ``dropout``
-    and to the ops that keep the mask as booleans (LoRA's adapters)."""
+    and to the ops that keep the mask as booleans (LoRA's adapters). On the CPU the uniforms are
+    drawn over the cores, the same numbers at any thread count (``rng.uniform_at_least``)."""
     rng = generator or default_generator(device)
-    return rng.random(shape, dtype=np.float32 if dtype == np.float32 else np.float64) >= p
+    return uniform_at_least(rng, shape, np.float32 if dtype == np.float32 else np.float64, p)
 
 
 def dropout_scale(p: float) -> float:

@@ -81,3 +81,34 @@ def test_rng_state_round_trip():
     tinysft.randn(3)
     tinysft.set_rng_state(state)
     np.testing.assert_array_equal(tinysft.randn(8).numpy(), first)
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [0, 1, 65535, 65536, 65537, 200001, (3, 70001)])
+@pytest.mark.parametrize("earlier_float32_draws", [0, 1, 2])  # 1: a kept high half waits in the state
+def test_uniforms_over_threads_are_numpys_sequential_draws(workers, dtype, shape, earlier_float32_draws):
+    """rng.uniform_at_least gives generator.random(shape, dtype) >= p bit for bit, and leaves the
+    generator in the state the sequential draw leaves (the next draws agree too)."""
+    from tinysft import threads
+    from tinysft.rng import uniform_at_least
+    ours, numpys = np.random.default_rng(5), np.random.default_rng(5)
+    ours.random(earlier_float32_draws, dtype=np.float32)
+    numpys.random(earlier_float32_draws, dtype=np.float32)
+    before = threads.num_threads()
+    try:
+        threads.set_num_threads(workers)
+        keep = uniform_at_least(ours, shape, dtype, 0.3)
+    finally:
+        threads.set_num_threads(before)
+    expected = numpys.random(shape, dtype=dtype) >= 0.3
+    assert keep.shape == expected.shape and keep.dtype == bool
+    np.testing.assert_array_equal(keep, expected)
+    assert ours.bit_generator.state == numpys.bit_generator.state
+    np.testing.assert_array_equal(ours.random(3, dtype=np.float32), numpys.random(3, dtype=np.float32))
+
+
+def test_uniforms_of_other_generators_are_drawn_as_they_are():
+    from tinysft.rng import uniform_at_least
+    ours, theirs = (np.random.Generator(np.random.MT19937(3)) for _ in range(2))
+    np.testing.assert_array_equal(uniform_at_least(ours, 100_000, np.float64, 0.5), theirs.random(100_000) >= 0.5)
