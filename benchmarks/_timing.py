@@ -14,6 +14,10 @@ THREADS = int(os.environ.get("BENCH_THREADS", os.cpu_count() or 1))
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ[_var] = str(THREADS)
 
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:  # run from a checkout without installing
+    sys.path.insert(0, _ROOT)
+
 import cProfile
 import importlib
 import io
@@ -26,13 +30,11 @@ import tarfile
 import tempfile
 import time
 
-import numpy as np
+# tinysft before NumPy, as in a program that imports it first (OpenBLAS's idle timeout, tinysft/__init__.py),
+# and after the thread pinning above
+from tinysft.backend import keep_freed_memory  # noqa: E402
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:  # run from a checkout without installing
-    sys.path.insert(0, _ROOT)
-
-from tinysft.backend import keep_freed_memory  # noqa: E402  (after the thread pinning above)
+import numpy as np  # noqa: E402
 
 KEEP_FREED = os.environ.get("BENCH_KEEP_FREED", "0") == "1" and keep_freed_memory()
 
@@ -117,7 +119,8 @@ def header(title, torch):
         pass
     print(f"# {title}")
     print(f"# {time.strftime('%Y-%m-%d %H:%M %Z')}; {cpu}, {os.cpu_count()} cores; "
-          f"BLAS/OpenMP threads = {THREADS} (numpy and torch)")
+          f"BLAS/OpenMP threads = {THREADS} (numpy and torch); "
+          f"OPENBLAS_THREAD_TIMEOUT={os.environ.get('OPENBLAS_THREAD_TIMEOUT', '(default)')}")
     versions = f"numpy {np.__version__}"
     versions += f", torch {torch.__version__} (threads {torch.get_num_threads()})" if torch else ", torch not installed"
     print(f"# {versions}; Python {platform.python_version()}; medians of repeats")

@@ -29,7 +29,7 @@ import numpy as np
 from .backend import scatter_add
 from .rng import generator as default_generator, uniform_at_least
 from .tensor import ShapeError, Tensor, cat, is_grad_enabled, lift, make_node, where
-from .threads import map_rows, matmul, split_rows
+from .threads import map_rows, split_rows
 
 
 class TargetError(IndexError):
@@ -88,7 +88,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor = None) -> Tensor:
             raise ShapeError(f"linear: bias of shape {bias.shape} for a weight of shape {weight.shape}")
     xp = x.xp
     flat = x.data.reshape(-1, in_features)  # (N, in)
-    value = matmul(flat, weight.data.T)  # (N, out); W.T is a view, BLAS reads it transposed
+    value = flat @ weight.data.T  # (N, out); W.T is a view, BLAS reads it transposed
     if bias is not None:
         def add_bias(start, stop):  # rows [start, stop)
             xp.add(value[start:stop], bias.data, out=value[start:stop])
@@ -99,9 +99,9 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor = None) -> Tensor:
         def backward_fn(grad):
             g = grad.reshape(-1, out_features)  # (N, out)
             if x.requires_grad:
-                x.accumulate_grad(matmul(g, weight.data).reshape(x.shape))
+                x.accumulate_grad((g @ weight.data).reshape(x.shape))
             if weight.requires_grad:
-                weight.accumulate_grad(matmul(g.T, flat), owned=True)
+                weight.accumulate_grad(g.T @ flat, owned=True)
             if bias is not None and bias.requires_grad:
                 bias.accumulate_grad(_column_sums(xp, g), owned=True)
         out.backward_fn = backward_fn
@@ -816,7 +816,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask=None) -> Tensor:
     blocks = (batch, kv_heads, groups * length)  # the (B, Hkv, G·T) rows of the grouped view
     scale = head_dim ** -0.5
 
-    scores = matmul(q.data.reshape(*blocks, head_dim) * scale, k.data.swapaxes(-1, -2))  # (B, Hkv, G·T, S)
+    scores = (q.data.reshape(*blocks, head_dim) * scale) @ k.data.swapaxes(-1, -2)  # (B, Hkv, G·T, S)
     if mask is not None:
         mask = xp.asarray(mask.data if isinstance(mask, Tensor) else mask)
         if mask.dtype != bool:
@@ -840,23 +840,23 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask=None) -> Tensor:
     total = probs.sum(axis=-1, keepdims=True)
     xp.maximum(total, 1, out=total)  # ≥ 1 already (the peak term is e^0) unless the row is empty: then 0 → 1
     probs /= total
-    value = matmul(probs, v.data)  # (B, Hkv, G·T, Dv)
+    value = probs @ v.data  # (B, Hkv, G·T, Dv)
     out = make_node(value.reshape(batch, q_heads, length, v.shape[-1]), (q, k, v), "attention")
     if out.requires_grad:
         def backward_fn(g):
             g = g.reshape(*blocks, v.shape[-1])  # ĝ (B, Hkv, G·T, Dv)
             if v.requires_grad:
-                v.accumulate_grad(matmul(probs.swapaxes(-1, -2), g), owned=True)
+                v.accumulate_grad(probs.swapaxes(-1, -2) @ g, owned=True)
             if not (q.requires_grad or k.requires_grad):
                 return
-            dscores = matmul(g, v.data.swapaxes(-1, -2))  # (B, Hkv, G·T, S) ĝ vᵀ, then ds in place
+            dscores = g @ v.data.swapaxes(-1, -2)  # (B, Hkv, G·T, S) ĝ vᵀ, then ds in place
             dscores -= (g * value).sum(axis=-1, keepdims=True)
             dscores *= probs
             dscores *= scale
             if q.requires_grad:
-                q.accumulate_grad(matmul(dscores, k.data).reshape(q.shape), owned=True)
+                q.accumulate_grad((dscores @ k.data).reshape(q.shape), owned=True)
             if k.requires_grad:
-                k.accumulate_grad(matmul(dscores.swapaxes(-1, -2), q.data.reshape(*blocks, head_dim)), owned=True)
+                k.accumulate_grad(dscores.swapaxes(-1, -2) @ q.data.reshape(*blocks, head_dim), owned=True)
         out.backward_fn = backward_fn
     return out
 
@@ -1002,14 +1002,14 @@ def head_chunks(hidden: Tensor, weight: Tensor, rows, chunk_size: int, block_los
         chosen = rows[start:start + chunk_size]  # (c,)
         h = flat[chosen]  # (c, D)
         scale = row_scale if isinstance(row_scale, float) else row_scale[start:start + chunk_size]
-        losses[start:start + chosen.size], grad = block_loss(matmul(h, weight.data.T), chosen, scale)  # grad: G_C (c, V)
+        losses[start:start + chosen.size], grad = block_loss(h @ weight.data.T, chosen, scale)  # grad: G_C (c, V)
         if dh is not None:
             # G_C W as (Wᵀ G_Cᵀ)ᵀ: the same numbers, but OpenBLAS runs a (c, V)·(V, D) product with
             # few rows c several times slower than the (D, V)·(V, c) one (measured: 6x at c = 32)
-            dh[chosen] = matmul(weight.data.T, grad.T).T  # (c, D)
+            dh[chosen] = (weight.data.T @ grad.T).T  # (c, D)
         if dw is not None:  # G_Cᵀ h_C a block of W's rows at a time: a (block, D) temporary, not a (V, D) one
             for v in range(0, classes, HEAD_WEIGHT_BLOCK):
-                dw[v:v + HEAD_WEIGHT_BLOCK] += matmul(grad[:, v:v + HEAD_WEIGHT_BLOCK].T, h)  # (block, D)
+                dw[v:v + HEAD_WEIGHT_BLOCK] += grad[:, v:v + HEAD_WEIGHT_BLOCK].T @ h  # (block, D)
         del grad  # before the next chunk's logits exist: one (c, V) buffer at a time, not two
     return losses, dh, dw
 

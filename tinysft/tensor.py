@@ -31,7 +31,6 @@ from contextlib import contextmanager
 import numpy as np
 
 from .backend import DeviceError, device_of, scatter_add, to_device, xp_for
-from .threads import matmul
 
 
 class ShapeError(ValueError):
@@ -485,7 +484,7 @@ class Tensor:
             # entry; the weight gradient then is a single (K, rows) @ (rows, N) product too.
             return (self.reshape(-1, a.shape[-1]) @ other).reshape(*a.shape[:-1], b.shape[-1])
         try:
-            value = matmul(a, b)
+            value = a @ b
         except ValueError as error:
             raise ShapeError(f"matmul: batch shapes of {self.shape} and {other.shape} do not broadcast") from error
         out = make_node(value, (self, other), "matmul")
@@ -497,9 +496,9 @@ class Tensor:
                 g = grad[..., None] if b.ndim == 1 else grad
                 g = self.xp.expand_dims(g, -2) if a.ndim == 1 else g
                 if self.requires_grad:
-                    self.accumulate_grad(unbroadcast(matmul(g, b2.swapaxes(-1, -2)), a2.shape).reshape(a.shape))
+                    self.accumulate_grad(unbroadcast(g @ b2.swapaxes(-1, -2), a2.shape).reshape(a.shape))
                 if other.requires_grad:
-                    other.accumulate_grad(unbroadcast(matmul(a2.swapaxes(-1, -2), g), b2.shape).reshape(b.shape))
+                    other.accumulate_grad(unbroadcast(a2.swapaxes(-1, -2) @ g, b2.shape).reshape(b.shape))
             out.backward_fn = backward_fn
         return out
 

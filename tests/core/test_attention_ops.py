@@ -138,11 +138,10 @@ def gelu_step():
 
 
 def linear_step():
-    """The bias add and db are split; the GEMMs (4·48·2000 multiply-adds each) stay one BLAS call."""
     rng = np.random.default_rng(0)
-    x = tinysft.tensor(rng.standard_normal((2000, 4)).astype(np.float32), requires_grad=True)
-    w = tinysft.tensor(rng.standard_normal((48, 4)).astype(np.float32), requires_grad=True)
-    b = tinysft.tensor(rng.standard_normal(48).astype(np.float32), requires_grad=True)
+    x = tinysft.tensor(rng.standard_normal((300, 64)).astype(np.float32), requires_grad=True)
+    w = tinysft.tensor(rng.standard_normal((384, 64)).astype(np.float32), requires_grad=True)
+    b = tinysft.tensor(rng.standard_normal(384).astype(np.float32), requires_grad=True)
     out = F.linear(x, w, b)
     out.backward(rng.standard_normal(out.shape).astype(np.float32))
     return [out.numpy(), x.grad, w.grad, b.grad]
@@ -150,8 +149,7 @@ def linear_step():
 
 @pytest.mark.parametrize("step", [attention_step, layer_norm_step, gelu_step, linear_step])
 def test_threaded_ops_give_the_same_bits_at_every_thread_count(step, thread_counts):
-    """Each op's non-BLAS work is split over row (or column, or chunk) blocks; every value is computed as in one call.
-    (A GEMM split over blocks gives bits that depend on the blocks: ``test_threads`` covers ``threads.matmul``.)"""
+    """Each op's non-BLAS work is split over row (or column, or chunk) blocks; every value is computed as in one call."""
     first, *others = thread_counts(step)
     for other in others:
         for a, b in zip(first, other, strict=True):

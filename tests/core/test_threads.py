@@ -1,5 +1,8 @@
 """tinysft.threads: the row blocks cover [0, n) once, in order; results come back in block order;
 work too small to split stays on the calling thread; errors in a block reach the caller."""
+import os
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -71,80 +74,21 @@ def test_bad_thread_variable_is_named(monkeypatch, value, message):
         threads._default_threads()
 
 
-needs_blas_threads = pytest.mark.skipif(threads._blas_threads_local is None,
-                                        reason="this NumPy's BLAS has no openblas_set_num_threads_local: "
-                                               "matmul is one BLAS call")
-
-MATMUL_SHAPES = [((300, 200), (200, 150)),            # rows split
-                 ((6, 40, 64), (6, 64, 50)),          # batch split
-                 ((5, 3, 60, 64), (5, 3, 64, 70)),    # batch split over the first axis
-                 ((6, 100, 64), (64, 90)),            # batch @ matrix
-                 ((1, 300, 200), (4, 200, 150)),      # broadcast batch: one call
-                 ((300, 200), (200,))]                # vector: one call
+def _openblas_timeout_after_import(env):
+    """OPENBLAS_THREAD_TIMEOUT as OpenBLAS read it in a fresh process that imports tinysft first (None: not OpenBLAS)."""
+    script = ("import ctypes, tinysft\n"
+              "paths = sorted({l.split()[-1] for l in open('/proc/self/maps') if 'openblas' in l.rsplit('/', 1)[-1].lower()})\n"
+              "get = getattr(ctypes.CDLL(paths[0]), 'openblas_thread_timeout', None) if paths else None\n"
+              "print(get() if get else 'none')")
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True).stdout
+    return None if out.strip() == "none" else int(out)
 
 
-@needs_blas_threads
-@pytest.mark.parametrize("a_shape, b_shape", MATMUL_SHAPES)
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_matmul_matches_float64_and_repeats_its_bits(a_shape, b_shape, dtype, two_threads, monkeypatch):
-    monkeypatch.setattr(threads, "MIN_PARALLEL_GEMM", 1)
-    rng = np.random.default_rng(0)
-    a, b = rng.standard_normal(a_shape).astype(dtype), rng.standard_normal(b_shape).astype(dtype)
-    product = threads.matmul(a, b)
-    reference = a.astype(np.float64) @ b.astype(np.float64)
-    assert product.shape == reference.shape and product.dtype == dtype
-    np.testing.assert_allclose(product, reference, rtol=0, atol=(1e-4 if dtype == np.float32 else 1e-11) * 30)
-    np.testing.assert_array_equal(threads.matmul(a, b), product)  # the same bits for the same thread count
-
-
-@needs_blas_threads
-@pytest.mark.parametrize("a_shape, b_shape, split", [(s[0], s[1], i < 4) for i, s in enumerate(MATMUL_SHAPES)])
-def test_matmul_splits_only_shapes_it_can_and_work_that_pays(a_shape, b_shape, split, two_threads, monkeypatch):
-    calls = []
-    real_map_rows = threads.map_rows
-    monkeypatch.setattr(threads, "map_rows", lambda fn, n, row_cost=1: calls.append(n) or real_map_rows(fn, n, row_cost))
-    a, b = np.ones(a_shape, np.float32), np.ones(b_shape, np.float32)
-    monkeypatch.setattr(threads, "MIN_PARALLEL_GEMM", a.size * b.shape[-1] + 1)
-    threads.matmul(a, b)
-    assert calls == []  # below MIN_PARALLEL_GEMM multiply-adds: one call
-    monkeypatch.setattr(threads, "MIN_PARALLEL_GEMM", 1)
-    np.testing.assert_array_equal(threads.matmul(a, b), a @ b)  # sums of ones: exact either way
-    assert calls == ([a_shape[0]] if split else [])
-
-
-def test_matmul_is_one_call_at_one_thread_and_without_the_blas_setting(monkeypatch):
-    monkeypatch.setattr(threads, "MIN_PARALLEL_GEMM", 1)
-    rng = np.random.default_rng(1)
-    a, b = rng.standard_normal((200, 64)).astype(np.float32), rng.standard_normal((64, 80)).astype(np.float32)
-    before = threads.num_threads()
-    try:
-        threads.set_num_threads(1)
-        np.testing.assert_array_equal(threads.matmul(a, b), a @ b)
-        threads.set_num_threads(2)
-        monkeypatch.setattr(threads, "_blas_threads_local", None)
-        np.testing.assert_array_equal(threads.matmul(a, b), a @ b)
-    finally:
-        threads.set_num_threads(before)
-
-
-@needs_blas_threads
-def test_blocks_run_with_single_threaded_blas_and_the_setting_comes_back(two_threads):
-    """Inside map_rows (and nested single_threaded_blas blocks) BLAS has 1 thread; after the last, the old setting."""
-    setter = threads._blas_threads_local
-    seen = []
-
-    def block(start, stop):
-        seen.append(setter(1))  # the previous value: what the block ran with
-        return start
-
-    previous = setter(3)
-    try:
-        threads.map_rows(block, 1000, row_cost=1000)
-        with threads.single_threaded_blas():
-            with threads.single_threaded_blas():
-                seen.append(setter(1))
-            seen.append(setter(1))
-        assert setter(3) == 3  # restored
-    finally:
-        setter(previous)
-    assert seen == [1, 1, 1, 1]
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_importing_tinysft_first_makes_idle_openblas_threads_sleep_at_once():
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    read = _openblas_timeout_after_import(env)
+    if read is None:
+        pytest.skip("this NumPy's BLAS is not an OpenBLAS with openblas_thread_timeout")
+    assert read == 4
+    assert _openblas_timeout_after_import({**env, "OPENBLAS_THREAD_TIMEOUT": "20"}) == 20  # a user's value is kept

@@ -38,7 +38,6 @@ import numpy as np
 from .. import functional as F
 from ..backend import device_of, xp_for
 from ..tensor import Tensor, is_grad_enabled, lift, make_node, no_grad
-from ..threads import matmul
 from .batch import forward, labels_of
 from .causal_lm import MODEL_INPUTS, shifted_targets
 
@@ -186,7 +185,7 @@ def linear_kd_loss(hidden: Tensor, weight: Tensor, teacher_hidden, teacher_weigh
     scale = 1.0 / count if reduction == "mean" and count else 1.0
 
     def block_loss(z, chosen, row_scale):  # z: the student's logits of the chunk (c, V)
-        return _kd_rows(z, matmul(teacher_flat[chosen], teacher_w.T), target[chosen], float(temperature), float(alpha),
+        return _kd_rows(z, teacher_flat[chosen] @ teacher_w.T, target[chosen], float(temperature), float(alpha),
                         row_scale)
 
     def run_chunks(row_scale, with_grad):

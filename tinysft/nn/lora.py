@@ -37,7 +37,6 @@ import numpy as np
 
 from .. import functional as F
 from ..tensor import ShapeError, Tensor, lift, make_node
-from ..threads import matmul
 from .layers import Dropout, Linear
 from .module import Module
 
@@ -168,30 +167,30 @@ def lora_linear(x: Tensor, weight: Tensor, bias, a: Tensor, b: Tensor, scaling: 
         out *= keep_scale
         return out
 
-    u = matmul(dropped(flat), a.data.T)  # (N, r)
+    u = dropped(flat) @ a.data.T  # (N, r)
     u *= scaling
-    value = matmul(flat, weight.data.T)  # (N, out)
+    value = flat @ weight.data.T  # (N, out)
     if bias is not None:
         bias = lift(bias, x)
         value += bias.data
-    value += matmul(u, b.data.T)  # (N, out)
+    value += u @ b.data.T  # (N, out)
     params = (x, weight, a, b) if bias is None else (x, weight, a, b, bias)
     out = make_node(value.reshape(*x.shape[:-1], out_features), params, "lora_linear")
     if out.requires_grad:
         def backward_fn(grad):
             g = grad.reshape(-1, out_features)  # (N, out)
-            v = matmul(g, b.data)  # (N, r)
+            v = g @ b.data  # (N, r)
             v *= scaling
             if b.requires_grad:
-                b.accumulate_grad(matmul(g.T, u), owned=True)  # (out, r)
+                b.accumulate_grad(g.T @ u, owned=True)  # (out, r)
             if a.requires_grad:
-                a.accumulate_grad(matmul(v.T, dropped(flat)), owned=True)  # (r, in)
+                a.accumulate_grad(v.T @ dropped(flat), owned=True)  # (r, in)
             if x.requires_grad:
-                dx = matmul(g, weight.data)  # (N, in)
-                dx += dropped(matmul(v, a.data))
+                dx = g @ weight.data  # (N, in)
+                dx += dropped(v @ a.data)
                 x.accumulate_grad(dx.reshape(x.shape), owned=True)
             if weight.requires_grad:
-                weight.accumulate_grad(matmul(g.T, flat), owned=True)
+                weight.accumulate_grad(g.T @ flat, owned=True)
             if bias is not None and bias.requires_grad:
                 bias.accumulate_grad(g.sum(axis=0), owned=True)
         out.backward_fn = backward_fn
