@@ -7,7 +7,11 @@ concurrent clients, and the refusal of bad or oversize requests.
 """
 import http.client
 import json
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -322,13 +326,28 @@ def run_folder(tmp_path_factory, classifier):
     return run
 
 
+def serve_subprocess(folder):
+    """``tinysft serve FOLDER --port 0`` in its own process, with faulthandler on (see ``stop_on_sigint``)."""
+    return subprocess.Popen([sys.executable, "-m", "tinysft", "serve", str(folder), "--port", "0", "--no-log"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONFAULTHANDLER": "1"})
+
+
+def stop_on_sigint(process, within: float = 30):
+    """SIGINT, then the exit status within ``within`` seconds. A process still running then is made to
+    dump every thread's stack (SIGABRT, caught by faulthandler) and the test fails showing that dump."""
+    process.send_signal(signal.SIGINT)
+    try:
+        return process.wait(timeout=within)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGABRT)
+        _, stderr = process.communicate(timeout=30)
+        pytest.fail(f"tinysft serve did not exit within {within} s of SIGINT; its stderr and threads:\n{stderr}")
+
+
 def test_tinysft_serve_a_run_folder(run_folder, classifier):
     """``tinysft serve RUN --port 0`` in its own process: it names its port, answers, and stops on SIGINT."""
-    import signal
-    import subprocess
-    import sys
-    process = subprocess.Popen([sys.executable, "-m", "tinysft", "serve", str(run_folder), "--port", "0",
-                                "--no-log"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = serve_subprocess(run_folder)
     try:
         line = process.stdout.readline()
         assert line.startswith(f"serving classifier {run_folder} on http://127.0.0.1:"), process.stderr.read()
@@ -340,8 +359,7 @@ def test_tinysft_serve_a_run_folder(run_folder, classifier):
             assert row["scores"] == pytest.approx(dict(zip(LABELS, map(float, classifier.probabilities([text])[0]))),
                                                   rel=1e-5)
     finally:
-        process.send_signal(signal.SIGINT)
-        assert process.wait(timeout=30) == 0
+        assert stop_on_sigint(process) == 0
 
 
 def test_serve_refuses_bad_settings_in_one_line(run_folder):
@@ -358,14 +376,8 @@ def test_serve_refuses_bad_settings_in_one_line(run_folder):
 
 def test_tinysft_serve_a_decoder_folder(tmp_path):
     """A folder as ``tinysft sft`` writes one (HF config.json + model.safetensors, its GGUF beside it)."""
-    import signal
-    import subprocess
-    import sys
-
     from .tiny_decoder import write_tiny_decoder
-    folder = write_tiny_decoder(tmp_path / "decoder")
-    process = subprocess.Popen([sys.executable, "-m", "tinysft", "serve", str(folder), "--port", "0", "--no-log"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = serve_subprocess(write_tiny_decoder(tmp_path / "decoder"))
     try:
         line = process.stdout.readline()
         assert line.startswith("serving chat decoder on http://127.0.0.1:"), process.stderr.read()
@@ -374,5 +386,4 @@ def test_tinysft_serve_a_decoder_folder(tmp_path):
         assert status == 200 and answer["usage"]["completion_tokens"] <= 5
         assert answer["choices"][0]["finish_reason"] in ("stop", "length")
     finally:
-        process.send_signal(signal.SIGINT)
-        assert process.wait(timeout=30) == 0
+        assert stop_on_sigint(process) == 0
