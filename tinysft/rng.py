@@ -59,9 +59,8 @@ def uniform_at_least(rng, shape, dtype, threshold):
     on one core; this keeps the masks of dropout identical for a seed at any thread count.
     """
     size = int(np.prod(shape))
-    bits = rng.bit_generator
-    if (size < MIN_PARALLEL or num_threads() == 1 or not isinstance(rng, np.random.Generator)
-            or not isinstance(bits, (np.random.PCG64, np.random.PCG64DXSM))):
+    bits = rng.bit_generator if isinstance(rng, np.random.Generator) else None
+    if size < MIN_PARALLEL or num_threads() == 1 or not isinstance(bits, (np.random.PCG64, np.random.PCG64DXSM)):
         return rng.random(shape, dtype=dtype) >= threshold
     keep = np.empty(size, dtype=bool)
     done = 0

@@ -159,11 +159,7 @@ def gelu(x, approximate: str = "none", keep: bool = True):
     kernel, work = (_gelu_exact_kernel, 4) if approximate == "none" else (_gelu_tanh_kernel, 1)
     if keep:
         return _chunked(kernel, x, outputs=2, work=work)
-
-    def value_only(xp, v, value, *scratch):  # saved goes to a scratch array
-        kernel(xp, v, value, *scratch)
-
-    return _chunked(value_only, x, work=work + 1)[0], None
+    return _chunked(kernel, x, work=work + 1)[0], None  # saved goes to the first scratch array
 
 
 def _gelu_exact_slope_kernel(xp, g, x, cdf, out, t):
